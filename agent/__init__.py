@@ -1,0 +1,1 @@
+"""The device agent: sync, download, verify, stage, serve, shadow, measure, report."""

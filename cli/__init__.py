@@ -1,0 +1,1 @@
+"""The `fleet` command line: the operator's client of the controller's REST API."""

@@ -1,0 +1,1 @@
+"""The controller: registry, devices, rollout engine, REST (FastAPI) and gRPC (grpc.aio) in one process."""

@@ -1,0 +1,1 @@
+"""Wire contracts and their generated Python code."""
