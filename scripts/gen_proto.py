@@ -19,6 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
 PROTOS = ["fleet/v1/fleet.proto", "inference/grpc_service.proto"]
+# Packages whose messages go into a private descriptor pool: other libraries (tritonclient)
+# register the same `inference.*` names in the default pool, and both must import in one process.
+PRIVATE_POOL = {"inference"}
 SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 
 
@@ -44,6 +47,11 @@ def generate(out: Path) -> list[Path]:
         text = path.read_text()
         pkg = ".".join(path.relative_to(out).parent.parts)
         text = re.sub(rf"^from {re.escape(pkg)} import ", "from . import ", text, flags=re.M)
+        if pkg in PRIVATE_POOL and path.name.endswith("_pb2.py"):
+            text = text.replace(
+                "DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(",
+                "_POOL = _descriptor_pool.DescriptorPool()\nDESCRIPTOR = _POOL.AddSerializedFile(",
+            )
         path.write_text(text)
     return produced
 

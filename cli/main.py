@@ -1,0 +1,688 @@
+"""`fleet`: the operator's command line.
+
+Every listing and status command takes `-o json` for scripts; tables are for people. Bad input
+is one clear line on stderr and exit code 2; a controller refusal is one line and exit code 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from fleet.cli.client import Client, CliError, console, emit_json, err_console, labels_text, parse_labels, table
+
+app = typer.Typer(
+    name="fleet",
+    help="Fleet deployment and over-the-air manager for ML models on edge devices.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+ControllerOpt = Annotated[
+    str | None,
+    typer.Option("--controller", "-c", envvar="FLEET_URL", help="Controller REST URL.", show_default="http://127.0.0.1:8080"),
+]
+OutputOpt = Annotated[str, typer.Option("--output", "-o", help="Output format: table or json.")]
+KEYS_DIR = Path(os.environ.get("FLEET_KEYS_DIR", Path.home() / ".config" / "fleet" / "keys"))
+KeysOpt = Annotated[Path, typer.Option("--keys-dir", envvar="FLEET_KEYS_DIR", help="Where the release key lives.")]
+
+
+def _json(output: str) -> bool:
+    if output not in ("table", "json"):
+        raise CliError("--output must be 'table' or 'json'", code=2)
+    return output == "json"
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '10m', '1h' -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    if not match:
+        raise CliError(f"invalid duration {text!r}: use e.g. 90s, 10m or 1h", code=2)
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
+# ---------------------------------------------------------------------------------------------
+# controller and agent processes
+# ---------------------------------------------------------------------------------------------
+
+controller_app = typer.Typer(help="Run the controller.", no_args_is_help=True)
+app.add_typer(controller_app, name="controller")
+
+
+def _log_setup(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@controller_app.command("serve")
+def controller_serve(
+    data_dir: Annotated[Path | None, typer.Option(envvar="FLEET_DATA_DIR", help="State directory (SQLite, artifacts, keys).")] = None,
+    db_url: Annotated[str | None, typer.Option(envvar="FLEET_DB_URL", help="SQLAlchemy URL; default SQLite in the data dir.")] = None,
+    artifact_dir: Annotated[Path | None, typer.Option(envvar="FLEET_ARTIFACT_DIR", help="Local artifact store directory.")] = None,
+    http_host: Annotated[str, typer.Option(envvar="FLEET_HTTP_HOST")] = "127.0.0.1",
+    http_port: Annotated[int, typer.Option(envvar="FLEET_HTTP_PORT")] = 8080,
+    grpc_host: Annotated[str, typer.Option(envvar="FLEET_GRPC_HOST")] = "127.0.0.1",
+    grpc_port: Annotated[int, typer.Option(envvar="FLEET_GRPC_PORT")] = 50051,
+    public_url: Annotated[str | None, typer.Option(envvar="FLEET_PUBLIC_URL", help="URL agents use to download bundles.")] = None,
+    reconcile_interval: Annotated[float, typer.Option(envvar="FLEET_RECONCILE_INTERVAL_S", help="Seconds between reconciler passes.")] = 1.0,
+    log_level: Annotated[str, typer.Option(envvar="FLEET_LOG_LEVEL")] = "info",
+) -> None:
+    """Serve REST and gRPC and run the rollout reconciler (SQLite + local artifacts by default)."""
+    from fleet.controller.server import run
+    from fleet.controller.settings import ControllerSettings
+
+    _log_setup(log_level)
+    overrides: dict[str, Any] = {
+        "http_host": http_host, "http_port": http_port, "grpc_host": grpc_host, "grpc_port": grpc_port,
+        "reconcile_interval_s": reconcile_interval,
+    }
+    for key, value in (("data_dir", data_dir), ("db_url", db_url), ("artifact_dir", artifact_dir),
+                       ("public_url", public_url)):
+        if value is not None:
+            overrides[key] = value
+    run(ControllerSettings(**overrides))
+
+
+agent_app = typer.Typer(help="Run the device agent.", no_args_is_help=True)
+app.add_typer(agent_app, name="agent")
+
+
+@agent_app.command("run")
+def agent_run(
+    data_dir: Annotated[Path, typer.Option(envvar="FLEET_AGENT_DATA_DIR", help="Agent state: identity, slots, spool.")] = Path("/var/lib/fleet-agent"),
+    controller_grpc: Annotated[str, typer.Option(envvar="FLEET_CONTROLLER_GRPC", help="Controller gRPC address.")] = "127.0.0.1:50051",
+    controller_url: Annotated[str, typer.Option(envvar="FLEET_URL", help="Controller HTTP URL (bundles, metadata).")] = "http://127.0.0.1:8080",
+    trust_root: Annotated[Path | None, typer.Option(envvar="FLEET_TRUST_ROOT", help="Provisioned release root metadata (root.json).")] = None,
+    token: Annotated[str | None, typer.Option(envvar="FLEET_ENROLL_TOKEN", help="Enrolment token for the first start.")] = None,
+    device_id: Annotated[str | None, typer.Option(envvar="FLEET_DEVICE_ID", help="Requested device id (default: hostname).")] = None,
+    label: Annotated[list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE, repeatable.")] = None,
+    hardware_class: Annotated[str | None, typer.Option(envvar="FLEET_HARDWARE_CLASS", help="e.g. cpu, jetson-orin, coral.")] = None,
+    inference_addr: Annotated[str, typer.Option(envvar="FLEET_INFERENCE_ADDR", help="Open Inference Protocol gRPC address.")] = "127.0.0.1:8001",
+    threads: Annotated[int, typer.Option(envvar="FLEET_THREADS", help="ONNX Runtime intra-op threads per session.")] = 1,
+    traffic: Annotated[str | None, typer.Option(help="Built-in traffic: 'synthetic' or a folder of .npy files.")] = None,
+    traffic_rate: Annotated[float, typer.Option(help="Requests per second of the built-in traffic.")] = 20.0,
+    traffic_model: Annotated[str | None, typer.Option(help="Model the built-in traffic calls (default: every served model).")] = None,
+    log_level: Annotated[str, typer.Option(envvar="FLEET_LOG_LEVEL")] = "info",
+) -> None:
+    """Enrol (first start), sync desired state, update models safely, serve inference, report."""
+    import asyncio
+    import signal
+
+    from fleet.agent.daemon import Agent, AgentConfig
+
+    _log_setup(log_level)
+    config = AgentConfig(
+        data_dir=data_dir, controller_grpc=controller_grpc, controller_url=controller_url, trust_root=trust_root,
+        enroll_token=token, device_id=device_id, labels=parse_labels(label), hardware_class=hardware_class,
+        inference_addr=inference_addr, threads=threads, traffic=traffic, traffic_rate=traffic_rate,
+        traffic_model=traffic_model,
+    )
+
+    async def main() -> None:
+        agent = Agent(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, agent.stop)
+        await agent.run()
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------------------------
+# keys
+# ---------------------------------------------------------------------------------------------
+
+keys_app = typer.Typer(help="Release keys: made and kept on the operator's machine.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("init")
+def keys_init(keys_dir: KeysOpt = KEYS_DIR, force: Annotated[bool, typer.Option(help="Replace an existing key.")] = False) -> None:
+    """Create the release key (Ed25519; private file mode 0600)."""
+    from fleet.core.trust import generate_key_pair
+
+    keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = keys_dir / "release.key"
+    if path.exists() and not force:
+        raise CliError(f"{path} already exists; pass --force to replace it (bundles signed with it stay valid "
+                       "only for agents provisioned with the old root)")
+    if path.exists():
+        path.unlink()
+        (keys_dir / "release.pub").unlink(missing_ok=True)
+    keyid = generate_key_pair(path)
+    console.print(f"release key [bold]{keyid[:16]}[/] written to {path} (private, 0600) and {keys_dir / 'release.pub'}")
+
+
+@keys_app.command("show")
+def keys_show(keys_dir: KeysOpt = KEYS_DIR, output: OutputOpt = "table") -> None:
+    """Show the release key's id and files."""
+    from fleet.core.trust import load_public_key
+
+    pub = keys_dir / "release.pub"
+    if not pub.exists():
+        raise CliError(f"no release key in {keys_dir}: run `fleet keys init`")
+    key = load_public_key(pub)
+    data = {"keyid": key.keyid, "private": str(keys_dir / "release.key"), "public": str(pub)}
+    if _json(output):
+        emit_json(data)
+    else:
+        table(None, ["keyid", "private key", "public key"], [[data["keyid"], data["private"], data["public"]]])
+
+
+def _ensure_root(client: Client, keys_dir: Path) -> bytes:
+    """The controller's root metadata; made and uploaded from the release key on first use."""
+    from fleet.core.trust import load_public_key, load_signer, new_root
+
+    existing = client.get_optional("/tuf/root.json")
+    if existing is not None:
+        (keys_dir / "root.json").write_bytes(existing)
+        return bytes(existing)
+    online = client.get("/api/v1/trust/online-key")
+    signer = load_signer(keys_dir / "release.key")
+    root = new_root(signer, load_public_key(keys_dir / "release.pub"), load_public_key(online["public_key_pem"]))
+    client.post("/api/v1/trust/root", content=root, headers={"content-type": "application/json"})
+    (keys_dir / "root.json").write_bytes(root)
+    return root
+
+
+@keys_app.command("export-root")
+def keys_export_root(
+    out: Annotated[Path, typer.Option("--out", help="Where to write root.json for provisioning agents.")] = Path("root.json"),
+    keys_dir: KeysOpt = KEYS_DIR,
+    controller: ControllerOpt = None,
+) -> None:
+    """Write the root metadata agents are provisioned with (creates it on the controller if needed)."""
+    root = _ensure_root(Client(controller), keys_dir)
+    out.write_bytes(root)
+    console.print(f"root metadata written to {out}: provision agents with --trust-root {out}")
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+
+models_app = typer.Typer(help="The model registry: signed bundles and aliases.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("push")
+def models_push(
+    ref: Annotated[str, typer.Argument(help="NAME:VERSION")],
+    model_file: Annotated[Path, typer.Argument(help="The ONNX model (the portable variant).", exists=True, dir_okay=False)],
+    task: Annotated[str, typer.Option(help="classification, detection, segmentation or generic.")] = "generic",
+    variant: Annotated[list[str] | None, typer.Option(help="HARDWARE=model.onnx, an extra variant (repeatable).")] = None,
+    release: Annotated[int, typer.Option(help="Release counter (signed; agents can refuse older).")] = 0,
+    class_names: Annotated[str | None, typer.Option(help="Comma-separated class names (classification).")] = None,
+    description: Annotated[str, typer.Option(help="Free text shown in `fleet models show`.")] = "",
+    keys_dir: KeysOpt = KEYS_DIR,
+    controller: ControllerOpt = None,
+    output: OutputOpt = "table",
+) -> None:
+    """Build a bundle, sign it with the release key on this machine, and upload it."""
+    import tempfile
+
+    from fleet.core.bundle import build_bundle, sha256_file
+    from fleet.core.errors import FleetError
+    from fleet.core.manifest import parse_ref
+    from fleet.core.trust import add_target, load_signer, target_custom, target_path_for
+
+    try:
+        name, version = parse_ref(ref)
+    except FleetError as exc:
+        raise CliError(str(exc), code=2) from exc
+    if not (keys_dir / "release.key").exists():
+        raise CliError(f"no release key in {keys_dir}: run `fleet keys init` first")
+    files = {"any": model_file}
+    for item in variant or ():
+        hw, sep, path = item.partition("=")
+        if not sep or not Path(path).is_file():
+            raise CliError(f"--variant expects HARDWARE=path/to/model.onnx, got {item!r}", code=2)
+        files[hw] = Path(path)
+    client = Client(controller)
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle_path = Path(tmp) / "bundle.tar"
+        try:
+            manifest = build_bundle(
+                bundle_path, name=name, version=version, task=task, model_files=files, inputs=None, outputs=None,
+                release=release, class_names=tuple(c.strip() for c in (class_names or "").split(",") if c.strip()),
+                description=description,
+            )
+        except FleetError as exc:
+            raise CliError(f"cannot build the bundle: {exc}", code=2) from exc
+        root = _ensure_root(client, keys_dir)
+        current = client.get_optional("/api/v1/trust/targets")
+        signer = load_signer(keys_dir / "release.key")
+        targets = add_target(
+            current, root, signer, target_path=target_path_for(name, version), length=bundle_path.stat().st_size,
+            sha256=sha256_file(bundle_path),
+            custom=target_custom(manifest),
+        )
+        with bundle_path.open("rb") as fh:
+            result = client.post(
+                f"/api/v1/models/{name}/versions",
+                files={"bundle": ("bundle.tar", fh, "application/x-tar"),
+                       "targets": ("targets.json", targets, "application/json")},
+                timeout=600,
+            )
+    if _json(output):
+        emit_json(result)
+    else:
+        console.print(f"pushed [bold]{name}:{version}[/] ({result.get('size', 0):,} bytes, sha256 "
+                      f"{str(result.get('sha256', ''))[:12]}...), signed by the release key")
+
+
+@models_app.command("ls")
+def models_ls(controller: ControllerOpt = None, output: OutputOpt = "table") -> None:
+    """List models with their versions and aliases."""
+    data = Client(controller).get("/api/v1/models")
+    if _json(output):
+        emit_json(data)
+        return
+    rows = []
+    for model in data:
+        versions = [v["version"] if isinstance(v, dict) else v for v in model.get("versions", [])]
+        aliases = ",".join(f"{k}={v}" for k, v in sorted((model.get("aliases") or {}).items()))
+        rows.append([model["name"], ", ".join(versions), aliases])
+    table("models", ["name", "versions", "aliases"], rows)
+
+
+@models_app.command("show")
+def models_show(ref: Annotated[str, typer.Argument(help="NAME or NAME:VERSION")], controller: ControllerOpt = None,
+                output: OutputOpt = "table") -> None:
+    """Show a model, or one version with its manifest."""
+    name, _, version = ref.partition(":")
+    client = Client(controller)
+    data = client.get(f"/api/v1/models/{name}/versions/{version}" if version else f"/api/v1/models/{name}")
+    if _json(output):
+        emit_json(data)
+        return
+    if version:
+        manifest = data.get("manifest", {})
+        table(f"{name}:{version}", ["field", "value"], [
+            ["task", manifest.get("task")], ["release", manifest.get("release")],
+            ["size", f"{data.get('size', 0):,}"], ["sha256", data.get("sha256")],
+            ["inputs", "; ".join(f"{t['name']} {t['dtype']}{t['shape']}" for t in manifest.get("inputs", []))],
+            ["outputs", "; ".join(f"{t['name']} {t['dtype']}{t['shape']}" for t in manifest.get("outputs", []))],
+            ["variants", ", ".join(v["hardware"] for v in manifest.get("variants", []))],
+            ["created", data.get("created_at")],
+        ])
+    else:
+        table(name, ["version", "task", "size", "created"], [
+            [v.get("version"), v.get("task"), f"{v.get('size', 0):,}", v.get("created_at")]
+            for v in data.get("versions", [])
+        ])
+        if data.get("aliases"):
+            console.print("aliases: " + ", ".join(f"{k} -> {v}" for k, v in sorted(data["aliases"].items())))
+
+
+@models_app.command("rm")
+def models_rm(ref: Annotated[str, typer.Argument(help="NAME:VERSION")], controller: ControllerOpt = None) -> None:
+    """Delete a version that no device, rollout or assignment uses."""
+    name, _, version = ref.partition(":")
+    if not version:
+        raise CliError("expected NAME:VERSION", code=2)
+    Client(controller).request("DELETE", f"/api/v1/models/{name}/versions/{version}")
+    console.print(f"deleted {name}:{version}")
+
+
+# ---------------------------------------------------------------------------------------------
+# devices and enrolment tokens
+# ---------------------------------------------------------------------------------------------
+
+devices_app = typer.Typer(help="Devices in the fleet.", no_args_is_help=True)
+app.add_typer(devices_app, name="devices")
+
+
+def _serving(device: dict[str, Any]) -> str:
+    parts = []
+    for model in (device.get("actual") or {}).get("models", []):
+        serving = next((s for s in model.get("slots", []) if s.get("role") == "serving"), None)
+        shadow = next((s for s in model.get("slots", []) if s.get("role") == "shadow"), None)
+        text = f"{model['model']}:{serving['version'] if serving else '-'}"
+        if shadow:
+            text += f" (+shadow {shadow['version']})"
+        update = model.get("update") or {}
+        if update.get("state") and update["state"] != "Idle":
+            text += f" [{update['state']}]"
+        parts.append(text)
+    return ", ".join(parts)
+
+
+@devices_app.command("ls")
+def devices_ls(
+    selector: Annotated[str | None, typer.Option("--selector", "-l", help="Label selector k=v,k2=v2.")] = None,
+    controller: ControllerOpt = None,
+    output: OutputOpt = "table",
+) -> None:
+    """List devices (optionally by label selector) with what they serve."""
+    params = {"selector": selector} if selector else {}
+    data = Client(controller).get("/api/v1/devices", params=params)
+    if _json(output):
+        emit_json(data)
+        return
+    table("devices", ["id", "labels", "hardware", "connected", "models", "last seen"], [
+        [d["id"], labels_text(d.get("labels")), (d.get("hardware") or {}).get("hardware_class"),
+         "yes" if d.get("connected") else "no", _serving(d), d.get("last_seen_at")]
+        for d in data
+    ])
+
+
+@devices_app.command("show")
+def devices_show(device_id: str, controller: ControllerOpt = None, output: OutputOpt = "table") -> None:
+    """Show one device: labels, hardware, model slots, update state, recent events."""
+    data = Client(controller).get(f"/api/v1/devices/{device_id}")
+    if _json(output):
+        emit_json(data)
+        return
+    hw = data.get("hardware") or {}
+    table(device_id, ["field", "value"], [
+        ["labels", labels_text(data.get("labels"))],
+        ["hardware", f"{hw.get('hardware_class')} {hw.get('arch')} providers={','.join(hw.get('execution_providers', []))}"],
+        ["connected", data.get("connected")], ["last seen", data.get("last_seen_at")],
+        ["desired generation", (data.get("desired") or {}).get("generation")],
+        ["applied generation", (data.get("actual") or {}).get("desired_generation")],
+    ])
+    rows = []
+    for model in (data.get("actual") or {}).get("models", []):
+        update = model.get("update") or {}
+        for slot in model.get("slots", []):
+            rows.append([model["model"], slot.get("role"), slot.get("version"), "yes" if slot.get("loaded") else "no",
+                         ",".join(slot.get("execution_providers", [])), update.get("state"), update.get("error")])
+    table("model slots", ["model", "role", "version", "loaded", "providers", "update", "last error"], rows)
+    events = data.get("events") or data.get("recent_events") or []
+    if events:
+        table("recent update events", ["at", "model", "version", "state", "reason"],
+              [[e.get("at"), e.get("model"), e.get("version"), e.get("state"), e.get("reason")] for e in events[:10]])
+
+
+tokens_app = typer.Typer(help="Enrolment tokens for new devices.", no_args_is_help=True)
+app.add_typer(tokens_app, name="tokens")
+
+
+@tokens_app.command("create")
+def tokens_create(
+    uses: Annotated[int, typer.Option(help="How many devices may enrol with it.")] = 1,
+    ttl: Annotated[str, typer.Option(help="Lifetime, e.g. 1h or 30m.")] = "1h",
+    label: Annotated[list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE given to devices enrolling with it.")] = None,
+    controller: ControllerOpt = None,
+    output: OutputOpt = "table",
+) -> None:
+    """Create an enrolment token (its plain text is shown only now)."""
+    data = Client(controller).post("/api/v1/enrollment-tokens", json={
+        "max_uses": uses, "ttl_seconds": int(parse_duration(ttl)), "labels": parse_labels(label)})
+    if _json(output):
+        emit_json(data)
+    else:
+        console.print(f"token [bold]{data['token']}[/] (id {data.get('id')}, {uses} use(s), expires {data.get('expires_at')})")
+
+
+@tokens_app.command("ls")
+def tokens_ls(controller: ControllerOpt = None, output: OutputOpt = "table") -> None:
+    """List enrolment tokens (never their plain text)."""
+    data = Client(controller).get("/api/v1/enrollment-tokens")
+    if _json(output):
+        emit_json(data)
+    else:
+        table("enrolment tokens", ["id", "uses", "max uses", "expires", "labels", "revoked"], [
+            [t.get("id"), t.get("uses"), t.get("max_uses"), t.get("expires_at"), labels_text(t.get("labels")),
+             t.get("revoked")] for t in data])
+
+
+# ---------------------------------------------------------------------------------------------
+# rollouts
+# ---------------------------------------------------------------------------------------------
+
+class RolloutGroup(TyperGroup):
+    """`fleet rollout NAME:VERSION ...` starts a rollout; `fleet rollout status ...` etc. manage them."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args.insert(0, "start")
+        return super().resolve_command(ctx, args)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args.insert(0, "start")
+        return super().parse_args(ctx, args)
+
+
+rollout_app = typer.Typer(
+    cls=RolloutGroup,
+    help="Roll a model version out: `fleet rollout detector:v3 --canary 10%`; then status, explain, promote, pause, "
+         "resume, abort.",
+    no_args_is_help=True,
+)
+app.add_typer(rollout_app, name="rollout")
+
+
+def _gate_from_options(policy: Path | None, overrides: dict[str, Any]) -> dict[str, Any] | None:
+    import json
+
+    gate: dict[str, Any] = {}
+    if policy is not None:
+        try:
+            gate.update(json.loads(policy.read_text()))
+        except (OSError, ValueError) as exc:
+            raise CliError(f"cannot read gate policy {policy}: {exc}", code=2) from exc
+    gate.update({k: v for k, v in overrides.items() if v is not None})
+    return gate or None
+
+
+@rollout_app.command("start", hidden=True)
+def rollout_start(
+    ref: Annotated[str, typer.Argument(help="NAME:VERSION to roll out.")],
+    canary: Annotated[str | None, typer.Option(help="First cohort, e.g. 10% or 0.1; then 100%.")] = None,
+    steps: Annotated[str | None, typer.Option(help="Cohort steps, e.g. 5,25,100 (percent).")] = None,
+    selector: Annotated[str | None, typer.Option("--selector", "-l", help="Only devices with these labels: k=v,k2=v2.")] = None,
+    name: Annotated[str | None, typer.Option(help="Rollout name (default NAME-VERSION).")] = None,
+    sample_rate: Annotated[float | None, typer.Option(help="Share of requests mirrored to the shadow (0-1].")] = None,
+    min_samples: Annotated[int | None, typer.Option(help="Mirrored requests needed per step before judging.")] = None,
+    max_latency_regression: Annotated[float | None, typer.Option(help="Allowed p95 regression, e.g. 0.2 = +20%.")] = None,
+    min_agreement: Annotated[float | None, typer.Option(help="Minimum agreement with the serving model (0-1).")] = None,
+    max_install_failures: Annotated[float | None, typer.Option(help="Maximum share of cohort install failures.")] = None,
+    max_error_rate: Annotated[float | None, typer.Option(help="Maximum candidate inference error rate.")] = None,
+    deadline: Annotated[str | None, typer.Option(help="Pause if still inconclusive after this long, e.g. 10m.")] = None,
+    policy: Annotated[Path | None, typer.Option(help="JSON gate policy file; flags override it.")] = None,
+    controller: ControllerOpt = None,
+    output: OutputOpt = "table",
+) -> None:
+    """Start a rollout of NAME:VERSION."""
+    from fleet.core.errors import FleetError
+    from fleet.core.manifest import parse_ref
+    from fleet.core.rollout import plan_steps
+
+    try:
+        model, version = parse_ref(ref)
+        planned = plan_steps(canary, steps)
+    except FleetError as exc:
+        raise CliError(str(exc), code=2) from exc
+    gate = _gate_from_options(policy, {
+        "min_samples": min_samples, "max_latency_regression": max_latency_regression, "min_agreement": min_agreement,
+        "max_install_failure_share": max_install_failures, "max_error_rate": max_error_rate,
+        "analysis_deadline_s": parse_duration(deadline) if deadline else None,
+    })
+    body = {"model": model, "version": version, "steps": planned, "selector": parse_labels([selector] if selector else []),
+            "gate": gate, "shadow_sample_rate": sample_rate, "name": name}
+    data = Client(controller).post("/api/v1/rollouts", json=body)
+    if _json(output):
+        emit_json(data)
+    else:
+        pct = ", ".join(f"{s * 100:g}%" for s in planned)
+        console.print(f"rollout [bold]{data.get('name') or data.get('id')}[/] of {model}:{version} created: steps {pct}; "
+                      f"watch it with `fleet rollout status {data.get('name') or data.get('id')} --watch`")
+
+
+def _render_status(data: dict[str, Any]) -> None:
+    name = data.get("name") or data.get("id")
+    steps = data.get("steps", [])
+    idx = data.get("step_index", 0)
+    step_txt = f"{idx + 1}/{len(steps)} ({steps[idx] * 100:g}%)" if steps and idx < len(steps) else "-"
+    console.print(f"[bold]{name}[/]  {data.get('model')}:{data.get('version')}  phase [bold]{data.get('phase')}[/]  "
+                  f"step {step_txt} {data.get('step_phase', '')}")
+    if data.get("message"):
+        console.print(f"  {data['message']}")
+    progress = data.get("progress") or data.get("cohorts") or []
+    if progress:
+        cols = sorted({k for row in progress for k in row if k not in ("step",)})
+        table("cohorts", ["step", *cols], [[row.get("step"), *(row.get(c) for c in cols)] for row in progress])
+    analysis = data.get("analysis") or {}
+    rows = analysis.get("metrics") if isinstance(analysis, dict) else None
+    if rows:
+        table(f"gate: {analysis.get('verdict', '')}", ["metric", "value", "threshold", "ok", "samples"], [
+            [r.get("metric"), _fmt(r.get("value")), f"{r.get('comparison', '')} {_fmt(r.get('threshold'))}",
+             "yes" if r.get("ok") else "NO", r.get("samples")] for r in rows])
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+@rollout_app.command("status")
+def rollout_status(
+    name: Annotated[str, typer.Argument(help="Rollout name.")],
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until the rollout finishes.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 1.0,
+    controller: ControllerOpt = None,
+    output: OutputOpt = "table",
+) -> None:
+    """Show phase, step, cohort progress and the gate's numbers against thresholds."""
+    client = Client(controller)
+    as_json = _json(output)
+    if not watch:
+        data = client.get(f"/api/v1/rollouts/{name}")
+        emit_json(data) if as_json else _render_status(data)
+        return
+    from rich.live import Live
+
+    finished = {"Completed", "RolledBack", "Aborted"}
+    if as_json:
+        while True:
+            data = client.get(f"/api/v1/rollouts/{name}")
+            emit_json(data)
+            if data.get("phase") in finished:
+                return
+            time.sleep(interval)
+    with Live(console=console, refresh_per_second=4, transient=False) as live:
+        while True:
+            data = client.get(f"/api/v1/rollouts/{name}")
+            with console.capture() as cap:
+                _render_status(data)
+            from rich.text import Text
+
+            live.update(Text.from_ansi(cap.get()))
+            if data.get("phase") in finished:
+                return
+            time.sleep(interval)
+
+
+@rollout_app.command("ls")
+def rollout_ls(
+    model: Annotated[str | None, typer.Option(help="Only rollouts of this model.")] = None,
+    phase: Annotated[str | None, typer.Option(help="Only rollouts in this phase.")] = None,
+    controller: ControllerOpt = None,
+    output: OutputOpt = "table",
+) -> None:
+    """List rollouts."""
+    params = {k: v for k, v in (("model", model), ("phase", phase)) if v}
+    data = Client(controller).get("/api/v1/rollouts", params=params)
+    if _json(output):
+        emit_json(data)
+        return
+    table("rollouts", ["name", "model", "version", "phase", "step", "created"], [
+        [r.get("name") or r.get("id"), r.get("model"), r.get("version"), r.get("phase"),
+         f"{r.get('step_index', 0) + 1}/{len(r.get('steps', []))}", r.get("created_at")] for r in data])
+
+
+@rollout_app.command("explain")
+def rollout_explain(name: str, controller: ControllerOpt = None, output: OutputOpt = "table") -> None:
+    """Every decision taken for the rollout, with the numbers behind it."""
+    data = Client(controller).get(f"/api/v1/rollouts/{name}")
+    decisions = data.get("decisions", [])
+    if _json(output):
+        emit_json(decisions)
+        return
+    for d in decisions:
+        console.print(f"[bold]{d.get('at')}[/] step {d.get('step_index', 0) + 1} {d.get('kind')} "
+                      f"{d.get('verdict') or ''} by {d.get('actor')}: {d.get('reason')}")
+        metrics = d.get("metrics") or {}
+        rows = metrics.get("metrics") if isinstance(metrics, dict) else metrics
+        if rows:
+            table(None, ["metric", "value", "threshold", "ok", "samples"], [
+                [r.get("metric"), _fmt(r.get("value")), f"{r.get('comparison', '')} {_fmt(r.get('threshold'))}",
+                 "yes" if r.get("ok") else "NO", r.get("samples")] for r in rows])
+
+
+def _action(action: str, name: str, reason: str | None, controller: str | None, output: str) -> None:
+    data = Client(controller).post(f"/api/v1/rollouts/{name}/{action}", json={"reason": reason or ""})
+    if _json(output):
+        emit_json(data)
+    else:
+        console.print(f"{name}: phase {data.get('phase')}")
+
+
+ReasonOpt = Annotated[str | None, typer.Option(help="Why; stored with the decision.")]
+
+
+@rollout_app.command("promote")
+def rollout_promote(name: str, reason: ReasonOpt = None, controller: ControllerOpt = None, output: OutputOpt = "table") -> None:
+    """Pass the current step's gate now (operator override)."""
+    _action("promote", name, reason, controller, output)
+
+
+@rollout_app.command("pause")
+def rollout_pause(name: str, reason: ReasonOpt = None, controller: ControllerOpt = None, output: OutputOpt = "table") -> None:
+    """Hold the rollout where it is."""
+    _action("pause", name, reason, controller, output)
+
+
+@rollout_app.command("resume")
+def rollout_resume(name: str, reason: ReasonOpt = None, controller: ControllerOpt = None, output: OutputOpt = "table") -> None:
+    """Continue a paused rollout."""
+    _action("resume", name, reason, controller, output)
+
+
+@rollout_app.command("abort")
+def rollout_abort(name: str, reason: ReasonOpt = None, controller: ControllerOpt = None, output: OutputOpt = "table") -> None:
+    """Stop the rollout and send every device back to its previous version."""
+    _action("abort", name, reason, controller, output)
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------------------------
+
+@app.command("demo")
+def demo(
+    devices: Annotated[int, typer.Option(help="How many agent processes to start.")] = 8,
+    workdir: Annotated[Path | None, typer.Option(help="Keep all state here (default: a temporary directory).")] = None,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 300.0,
+) -> None:
+    """The whole loop on this machine: controller, agents, signed bundles, a promotion and an automatic rollback."""
+    from fleet.cli.demo import run_demo
+
+    raise typer.Exit(run_demo(devices=devices, workdir=workdir, timeout=timeout))
+
+
+def main() -> None:
+    try:
+        app()
+    except CliError as exc:
+        err_console.print(f"[red]error:[/] {exc.message}")
+        sys.exit(exc.code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""The controller's FastAPI application: routers, error mapping, request size limits.
+
+Rules this module enforces:
+
+- every request body is capped while it streams, before any handler or multipart parser
+  buffers it: bundle uploads at `max_bundle_bytes` (plus room for targets.json and multipart
+  framing), everything else at `max_request_body_bytes`; an over-long body is answered with
+  413 in the API's error shape, whether it announced its length or not;
+- every error leaves as `{"error", "message", "details"}` (see `fleet.controller.api.errors`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from fleet.controller.api import devices, health, models, rollouts, tokens, trust
+from fleet.controller.api.errors import error_body, install_error_handlers
+from fleet.controller.context import ControllerContext
+
+UPLOAD_PATH_RE = re.compile(r"^/api/v1/models/[^/]+/versions/?$")
+# Multipart framing and the targets.json part ride along with the bundle.
+UPLOAD_OVERHEAD_BYTES = models.MAX_TARGETS_BYTES + 1024 * 1024
+
+
+class BodySizeLimitMiddleware:
+    """Refuses request bodies over a limit with 413, counting bytes as they arrive."""
+
+    def __init__(self, app: ASGIApp, *, default_limit: int, upload_limit: int) -> None:
+        self.app = app
+        self.default_limit = default_limit
+        self.upload_limit = upload_limit
+
+    def limit_for(self, method: str, path: str) -> int:
+        if method == "POST" and UPLOAD_PATH_RE.match(path):
+            return self.upload_limit
+        return self.default_limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope.get("method", "GET"), scope.get("path", ""))
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1
+                if declared > limit:
+                    await self._too_large(send, limit)
+                    return
+        received = 0
+        exceeded = False
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    exceeded = True
+                    # Make the app stop reading; whatever it answers is replaced below.
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if exceeded:
+                if message["type"] == "http.response.start" and not started:
+                    started = True
+                    await self._too_large(send, limit)
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except _BodyTooLarge:
+            if not started:
+                await self._too_large(send, limit)
+        except Exception:
+            if not exceeded:
+                raise
+            if not started:
+                await self._too_large(send, limit)
+
+    @staticmethod
+    async def _too_large(send: Send, limit: int) -> None:
+        body = json.dumps(
+            error_body("payload_too_large", f"request body is larger than the limit of {limit} bytes",
+                       {"limit": limit})
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def create_app(ctx: ControllerContext) -> FastAPI:
+    """The REST application over one controller context (no lifespan work: the server owns that)."""
+    app = FastAPI(
+        title="edge-fleet controller",
+        version="0.1.0",
+        description="Registry of signed model bundles, devices, and evidence-gated rollouts.",
+    )
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    for router in (
+        health.router,
+        models.router,
+        devices.router,
+        tokens.router,
+        rollouts.router,
+        trust.router,
+        trust.tuf_router,
+    ):
+        app.include_router(router)
+    settings = ctx.settings
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        default_limit=settings.max_request_body_bytes,
+        upload_limit=settings.max_bundle_bytes + UPLOAD_OVERHEAD_BYTES,
+    )
+    return app
+
+
+__all__ = ["BodySizeLimitMiddleware", "create_app"]

@@ -1,0 +1,80 @@
+"""The controller's shared objects, built once per process and handed to every transport.
+
+Rule: everything the REST routers, the gRPC service and the reconciler share (settings, the
+database session factory, the artifact store, the TUF online repository, and the two
+notification callbacks) lives in one `ControllerContext`; nothing is a module-level global, so
+tests build as many isolated controllers as they like.
+
+`build_context` is the only place that touches the disk at start-up: it creates the data
+folders, migrates the database to the newest schema, and creates the controller's online
+signing key on first start (`<data_dir>/keys/online.key`, mode 0600).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from securesystemslib.signer import CryptoSigner
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from fleet.controller.artifacts import ArtifactStore, LocalArtifactStore
+from fleet.controller.db import make_engine, make_session_factory, migrate
+from fleet.controller.settings import ControllerSettings
+from fleet.core import trust as trust_rules
+
+ONLINE_KEY_NAME = "online.key"
+
+
+def _no_changes(_device_ids: list[str]) -> None:
+    return None
+
+
+def _no_kick() -> None:
+    return None
+
+
+@dataclass
+class ControllerContext:
+    settings: ControllerSettings
+    session_factory: sessionmaker[Session]
+    artifacts: ArtifactStore
+    trust: trust_rules.OnlineRepository
+    engine: Engine | None = None
+    # Wired by the server: wake the Sync streams of these devices (their desired state changed).
+    on_desired_changed: Callable[[list[str]], None] = field(default=_no_changes)
+    # Wired by the server: ask the reconciler for a pass as soon as possible.
+    kick: Callable[[], None] = field(default=_no_kick)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.dispose()
+
+
+def load_or_create_online_key(settings: ControllerSettings) -> CryptoSigner:
+    path = settings.keys_dir / ONLINE_KEY_NAME
+    settings.keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not path.exists():
+        trust_rules.generate_key_pair(path)
+    return trust_rules.load_signer(path)
+
+
+def build_context(settings: ControllerSettings) -> ControllerContext:
+    """Create folders, migrate the database and load (or create) the online key."""
+    from fleet.controller.tuf_store import FileMetadataStore
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    (settings.data_dir / "tmp").mkdir(exist_ok=True)
+    migrate(settings.db_url)
+    engine = make_engine(settings.db_url)
+    repository = trust_rules.OnlineRepository(
+        load_or_create_online_key(settings), FileMetadataStore(settings.tuf_dir)
+    )
+    return ControllerContext(
+        settings=settings,
+        session_factory=make_session_factory(engine),
+        artifacts=LocalArtifactStore(settings.artifact_root),
+        trust=repository,
+        engine=engine,
+    )

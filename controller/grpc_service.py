@@ -1,0 +1,241 @@
+"""The agents' gRPC service: enrolment, the long-lived Sync stream, batched telemetry.
+
+Thin by design: every rule lives in `fleet.controller.devices`, `fleet.controller.desired` and
+the reconciler; this module authenticates the caller, converts protobuf at the edge
+(`fleet.proto.convert`) and runs blocking database work off the event loop.
+
+Desired state is pushed, not polled: when the reconciler (or an enrolment) changes the desired
+state of some devices it calls `DesiredStateHub.notify`, which wakes exactly those devices'
+streams; each stream then reads the stored state and sends it if its generation moved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any, TypeVar
+
+import grpc
+
+from fleet.controller import desired as desired_svc
+from fleet.controller import devices as devices_svc
+from fleet.controller.context import ControllerContext
+from fleet.core.errors import AuthenticationError, FleetError, InvalidInputError, PermissionDeniedError
+from fleet.proto import convert
+from fleet.proto.errors import status_for
+from fleet.proto.fleet.v1 import fleet_pb2 as pb
+from fleet.proto.fleet.v1 import fleet_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEVICE_ID_HEADER = "x-fleet-device-id"
+# A stream with nothing to say still sends a keep-alive notice this often, so dead peers are noticed.
+KEEPALIVE_S = 15.0
+
+
+class DesiredStateHub:
+    """Wakes the Sync streams of devices whose desired state changed. Thread-safe `notify`."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, set[asyncio.Event]] = {}
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def subscribe(self, device_id: str) -> asyncio.Event:
+        event = asyncio.Event()
+        with self._lock:
+            self._events.setdefault(device_id, set()).add(event)
+        return event
+
+    def unsubscribe(self, device_id: str, event: asyncio.Event) -> None:
+        with self._lock:
+            events = self._events.get(device_id)
+            if events is not None:
+                events.discard(event)
+                if not events:
+                    del self._events[device_id]
+
+    def connected(self) -> list[str]:
+        with self._lock:
+            return list(self._events)
+
+    def notify(self, device_ids: Iterable[str]) -> None:
+        with self._lock:
+            targets = [e for d in device_ids for e in self._events.get(d, ())]
+        if not targets or self._loop is None:
+            return
+        for event in targets:
+            self._loop.call_soon_threadsafe(event.set)
+
+
+class AgentService(pb_grpc.AgentServiceServicer):
+    def __init__(self, ctx: ControllerContext, hub: DesiredStateHub, kick: Callable[[], None]) -> None:
+        self.ctx = ctx
+        self.hub = hub
+        self.kick = kick
+
+    # -- helpers --------------------------------------------------------------------------
+
+    async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run `fn(session, ...)` in one transaction on a worker thread."""
+
+        def work() -> T:
+            with self.ctx.session_factory() as session, session.begin():
+                return fn(session, *args, **kwargs)
+
+        return await asyncio.to_thread(work)
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext) -> str:
+        metadata = {k: v for k, v in (context.invocation_metadata() or ())}
+        device_id = str(metadata.get(DEVICE_ID_HEADER, ""))
+        auth = str(metadata.get("authorization", ""))
+        if not device_id or not auth.lower().startswith("bearer "):
+            raise AuthenticationError("device credentials missing: enrol first")
+        secret = auth[7:].strip()
+        await self._db(devices_svc.authenticate, device_id, secret)
+        return device_id
+
+    @staticmethod
+    async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        code, message = status_for(exc)
+        if code == grpc.StatusCode.INTERNAL:
+            log.exception("agent RPC failed", exc_info=exc)
+        await context.abort(code, message)
+
+    def _changed(self, ids: list[str]) -> None:
+        if ids:
+            self.hub.notify(ids)
+
+    # -- RPCs -----------------------------------------------------------------------------
+
+    async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext) -> pb.EnrollResponse:
+        try:
+            hardware = convert.hardware_from_pb(request.hardware)
+
+            def enroll(session: Any) -> tuple[Any, str, list[str]]:
+                device, secret = devices_svc.enroll(
+                    session,
+                    token=request.token,
+                    requested_id=request.requested_id,
+                    labels=dict(request.labels),
+                    hardware=hardware,
+                    agent_version=request.agent_version,
+                )
+                changed = desired_svc.refresh_desired(self.ctx, session, [device.id])
+                return device, secret, changed
+
+            device, secret, changed = await self._db(enroll)
+        except Exception as exc:
+            await self._abort(context, exc)
+            raise  # unreachable: abort raises
+        log.info("device %s enrolled", device.id)
+        self._changed(changed)
+        self.kick()
+        return pb.EnrollResponse(device_id=device.id, device_secret=secret, labels=dict(device.labels or {}))
+
+    async def Sync(
+        self, request_iterator: AsyncIterator[pb.AgentMessage], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ControllerMessage]:
+        try:
+            device_id = await self._authenticate(context)
+            first = await anext(aiter(request_iterator), None)
+            if first is None or first.WhichOneof("kind") != "hello":
+                raise InvalidInputError("the first Sync message must be a hello")
+            hello = first.hello
+            if hello.device_id and hello.device_id != device_id:
+                raise PermissionDeniedError(
+                    f"hello names device {hello.device_id!r} but the credentials are {device_id!r}"
+                )
+
+            def on_hello(session: Any) -> list[str]:
+                devices_svc.record_hello(
+                    session,
+                    device_id,
+                    labels=dict(hello.labels),
+                    hardware=convert.hardware_from_pb(hello.hardware),
+                    agent_version=hello.agent_version,
+                    actual=convert.actual_from_pb(hello.state),
+                )
+                devices_svc.set_connected(session, device_id, True)
+                return desired_svc.refresh_desired(self.ctx, session, [device_id])
+
+            changed = await self._db(on_hello)
+        except Exception as exc:
+            await self._abort(context, exc)
+            return
+        self._changed([c for c in changed if c != device_id])
+        self.kick()
+        wake = self.hub.subscribe(device_id)
+        reader = asyncio.create_task(self._read_states(device_id, request_iterator))
+        sent_generation = -1
+        log.info("device %s connected", device_id)
+        try:
+            wake.set()  # send the current desired state at once
+            while not reader.done():
+                waiter = asyncio.create_task(wake.wait())
+                done, _ = await asyncio.wait({waiter, reader}, timeout=KEEPALIVE_S,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                if reader in done:
+                    break
+                if not wake.is_set():
+                    yield pb.ControllerMessage(notice=pb.Notice(message="keepalive"))
+                    continue
+                wake.clear()
+                state = await self._db(desired_svc.desired_state, device_id)
+                if state and int(state.get("generation", 0)) != sent_generation:
+                    sent_generation = int(state["generation"])
+                    yield pb.ControllerMessage(desired=convert.desired_to_pb(state))
+        finally:
+            self.hub.unsubscribe(device_id, wake)
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            with contextlib.suppress(Exception):
+                await self._db(devices_svc.set_connected, device_id, False)
+            self.kick()
+            log.info("device %s disconnected", device_id)
+
+    async def _read_states(self, device_id: str, request_iterator: AsyncIterator[pb.AgentMessage]) -> None:
+        async for message in request_iterator:
+            if message.WhichOneof("kind") != "state":
+                continue
+            actual = convert.actual_from_pb(message.state)
+            try:
+                await self._db(devices_svc.record_actual, device_id, actual)
+            except FleetError as exc:
+                log.warning("state report from %s refused: %s", device_id, exc)
+                continue
+            self.kick()
+
+    async def ReportTelemetry(
+        self, request: pb.TelemetryReport, context: grpc.aio.ServicerContext
+    ) -> pb.TelemetryAck:
+        try:
+            device_id = await self._authenticate(context)
+            if request.device_id and request.device_id != device_id:
+                raise PermissionDeniedError(
+                    f"telemetry names device {request.device_id!r} but the credentials are {device_id!r}"
+                )
+            batches = [convert.batch_from_pb(b) for b in request.batches]
+            actual = convert.actual_from_pb(request.state) if request.HasField("state") else None
+
+            def store(session: Any) -> list[int]:
+                stored = devices_svc.store_telemetry(session, device_id, batches)
+                if actual is not None:
+                    devices_svc.record_actual(session, device_id, actual)
+                return stored
+
+            stored = await self._db(store)
+        except Exception as exc:
+            await self._abort(context, exc)
+            raise
+        self.kick()
+        return pb.TelemetryAck(stored=stored)

@@ -1,0 +1,152 @@
+"""The controller process: REST (uvicorn) and gRPC (grpc.aio) on one event loop, plus the reconciler.
+
+The reconciler's passes are blocking database work, so they run on a worker thread, one at a
+time; `kick()` asks for a pass as soon as possible (after a report, a CLI action, a connect),
+and a timer runs one every `reconcile_interval_s` in any case, so time-based rules (deadlines,
+expiring timestamps) fire without any event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from dataclasses import dataclass, field
+
+import grpc
+import uvicorn
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from fleet.controller.app import create_app
+from fleet.controller.context import ControllerContext, build_context
+from fleet.controller.engine import Reconciler
+from fleet.controller.grpc_service import AgentService, DesiredStateHub
+from fleet.controller.settings import ControllerSettings
+from fleet.proto.fleet.v1 import fleet_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+GRPC_MAX_MESSAGE = 16 * 1024 * 1024
+
+
+@dataclass
+class ReconcileLoop:
+    """Runs reconciler passes on a worker thread: one at a time, on a timer and on demand."""
+
+    reconciler: Reconciler
+    interval_s: float
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _loop: asyncio.AbstractEventLoop | None = None
+    passes: int = 0
+
+    def kick(self) -> None:
+        """Thread-safe: ask for a pass soon."""
+        if self._loop is None:
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._wake.set)
+        except RuntimeError:  # loop closed during shutdown
+            pass
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            self._wake.clear()
+            try:
+                await asyncio.to_thread(self.reconciler.reconcile_once)
+                self.passes += 1
+            except Exception:
+                log.exception("reconciler pass failed; retrying on the next tick")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.interval_s)
+            # Coalesce bursts of kicks (a report from every device) into one pass.
+            await asyncio.sleep(0.05)
+
+
+class Controller:
+    """Everything the controller process runs, startable in-process (tests) or from the CLI."""
+
+    def __init__(self, settings: ControllerSettings) -> None:
+        self.settings = settings
+        self.ctx: ControllerContext = build_context(settings)
+        self.hub = DesiredStateHub()
+        self.reconciler = Reconciler(self.ctx)
+        self.loop = ReconcileLoop(self.reconciler, settings.reconcile_interval_s)
+        self.ctx.on_desired_changed = self.hub.notify
+        self.ctx.kick = self.loop.kick
+        self.grpc_port: int | None = None
+        self.stop_event: asyncio.Event | None = None
+        self.started = threading.Event()
+
+    async def _start_grpc(self) -> grpc.aio.Server:
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE),
+                ("grpc.max_send_message_length", GRPC_MAX_MESSAGE),
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ]
+        )
+        pb_grpc.add_AgentServiceServicer_to_server(AgentService(self.ctx, self.hub, self.loop.kick), server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
+        self.grpc_port = server.add_insecure_port(address)
+        if not self.grpc_port:
+            raise OSError(f"cannot listen for gRPC on {address}")
+        await server.start()
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set("fleet.v1.AgentService", health_pb2.HealthCheckResponse.SERVING)
+        return server
+
+    async def serve(self) -> None:
+        self.stop_event = asyncio.Event()
+        self.hub.bind(asyncio.get_running_loop())
+        grpc_server = await self._start_grpc()
+        app = create_app(self.ctx)
+        config = uvicorn.Config(
+            app,
+            host=self.settings.http_host,
+            port=self.settings.http_port,
+            log_level="warning",
+            lifespan="off",
+            timeout_graceful_shutdown=2,
+        )
+        http = uvicorn.Server(config)
+        http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        http_task = asyncio.create_task(http.serve())
+        loop_task = asyncio.create_task(self.loop.run(self.stop_event))
+        log.info(
+            "controller serving REST on http://%s:%s and gRPC on %s:%s",
+            self.settings.http_host, self.settings.http_port, self.settings.grpc_host, self.grpc_port,
+        )
+        self.started.set()
+        try:
+            await self.stop_event.wait()
+        finally:
+            http.should_exit = True
+            await grpc_server.stop(grace=1.0)
+            with contextlib.suppress(Exception):
+                await http_task
+            loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop_task
+
+    def stop(self) -> None:
+        if self.stop_event is not None:
+            self.stop_event.set()
+
+
+def run(settings: ControllerSettings) -> None:
+    """Serve until SIGINT or SIGTERM."""
+    controller = Controller(settings)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, controller.stop)
+        await controller.serve()
+
+    asyncio.run(main())

@@ -1,0 +1,78 @@
+"""Controller configuration: every address and path is an option with a default and an env variable.
+
+Rule: with no configuration at all the controller runs embedded (SQLite file and a local
+artifact directory under `data_dir`), so settings that derive from others (`db_url`,
+`artifact_dir`, `public_url`) are left empty by default and filled in from `data_dir` and the
+HTTP address after validation. Every field reads `FLEET_<FIELD>` from the environment, e.g.
+`FLEET_DATA_DIR`, `FLEET_DB_URL`, `FLEET_HTTP_PORT`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+GIB = 1024**3
+MIB = 1024**2
+
+
+class ControllerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore")
+
+    data_dir: Path = Field(
+        default=Path("~/.local/share/fleet/controller"),
+        description="Root of the controller's state: database, artifacts, keys, TUF metadata.",
+    )
+    db_url: str = Field(
+        default="",
+        description="SQLAlchemy URL; default sqlite:///<data_dir>/fleet.db (postgresql+psycopg://... works).",
+    )
+    artifact_dir: Path | None = Field(
+        default=None, description="Local artifact store; default <data_dir>/artifacts."
+    )
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = Field(default=50051, ge=0, le=65535)
+    public_url: str = Field(
+        default="",
+        description="Base URL agents use for bundle downloads and TUF metadata; default http://<http_host>:<http_port>.",
+    )
+    reconcile_interval_s: float = Field(default=1.0, gt=0)
+    max_bundle_bytes: int = Field(default=2 * GIB, gt=0)
+    max_request_body_bytes: int = Field(
+        default=1 * MIB, gt=0, description="Cap for non-upload (JSON) request bodies."
+    )
+    telemetry_retention_hours: float = Field(default=168.0, gt=0)
+
+    @model_validator(mode="after")
+    def _derive_defaults(self) -> ControllerSettings:
+        # Expand `~` once here so every consumer sees the same absolute path.
+        self.data_dir = self.data_dir.expanduser()
+        if not self.db_url:
+            self.db_url = f"sqlite:///{self.data_dir / 'fleet.db'}"
+        if self.artifact_dir is None:
+            self.artifact_dir = self.data_dir / "artifacts"
+        else:
+            self.artifact_dir = self.artifact_dir.expanduser()
+        if not self.public_url:
+            self.public_url = f"http://{self.http_host}:{self.http_port}"
+        # Joined with paths like "/api/v1/..."; a trailing slash would double up.
+        self.public_url = self.public_url.rstrip("/")
+        return self
+
+    @property
+    def artifact_root(self) -> Path:
+        """`artifact_dir`, never None after validation (typed for callers)."""
+        assert self.artifact_dir is not None
+        return self.artifact_dir
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.data_dir / "keys"
+
+    @property
+    def tuf_dir(self) -> Path:
+        return self.data_dir / "tuf"
