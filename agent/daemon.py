@@ -307,8 +307,9 @@ class Agent:
             if model in self.traffic or (self.config.traffic_model and model != self.config.traffic_model):
                 continue
             npy_dir = None if self.config.traffic == "synthetic" else Path(self.config.traffic)
+            seed = zlib.crc32(self.identity.get("device_id", "").encode()) & 0xFFFF
             source = TrafficSource(f"127.0.0.1:{self.inference_port}", model, rate=self.config.traffic_rate,
-                                   npy_dir=npy_dir, seed=zlib.crc32(self.identity.get("device_id", "").encode()) & 0xFFFF)
+                                   npy_dir=npy_dir, seed=seed)
             source.start()
             self.traffic[model] = source
 
@@ -411,7 +412,8 @@ class Agent:
         self._loop = asyncio.get_running_loop()
         server = await start_inference_server(self.host, self.config.inference_addr)
         self.inference_port = bound_port(server)
-        write_json_atomic(self.data_dir / "endpoint.json", {"inference_port": self.inference_port, "pid": os.getpid()})
+        write_json_atomic(self.data_dir / "endpoint.json",
+                          {"inference_port": self.inference_port, "pid": os.getpid()})
         log.info("inference endpoint on port %s", self.inference_port)
         await self.recover()
         tasks = [asyncio.create_task(self.sync_forever()), asyncio.create_task(self.telemetry_forever())]

@@ -97,6 +97,20 @@ def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any
     console.print(out)
 
 
+def gate_table(rows: Iterable[dict[str, Any]], title: str | None = None) -> None:
+    """A gate's metric rows: value against threshold, verdict, sample count and the detail."""
+
+    def fmt(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else ("" if value is None else str(value))
+
+    def ok(value: Any) -> str:
+        return "-" if value is None else ("ok" if value else "FAIL")
+
+    table(title, ["metric", "value", "threshold", "ok", "samples", "detail"], [
+        [r.get("metric"), fmt(r.get("value")), f"{r.get('comparison', '')} {fmt(r.get('threshold'))}",
+         ok(r.get("ok")), r.get("samples"), r.get("detail")] for r in rows])
+
+
 def labels_text(labels: dict[str, str] | None) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted((labels or {}).items()))
 

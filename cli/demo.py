@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from fleet.cli.client import Client, CliError, console
+from fleet.cli.client import Client, CliError, console, gate_table
 
 MODEL = "detector"
 
@@ -149,11 +149,9 @@ def print_decisions(data: dict[str, Any]) -> None:
         console.print(f"  - step {decision.get('step_index', 0) + 1} {decision.get('kind')} "
                       f"{decision.get('verdict') or ''} ({decision.get('actor')}): {decision.get('reason')}")
         metrics = decision.get("metrics") or {}
-        for row in metrics.get("metrics", []) if isinstance(metrics, dict) else []:
-            value, threshold = row.get("value"), row.get("threshold")
-            fmt = (lambda v: f"{v:.4g}" if isinstance(v, float) else str(v))
-            console.print(f"      {row.get('metric'):<28} {fmt(value):>10} {row.get('comparison', ''):>2} "
-                          f"{fmt(threshold):<8} {'ok' if row.get('ok') else 'FAIL'}")
+        rows = metrics.get("metrics", []) if isinstance(metrics, dict) else []
+        if rows and decision.get("verdict") != "Inconclusive":
+            gate_table(rows)
 
 
 @contextlib.contextmanager
@@ -216,7 +214,9 @@ def _story(cluster: Cluster, sm: Any, started: float, timeout: float) -> int:
              lambda: sum(1 for d in client.get("/api/v1/devices") if d.get("connected")) >= cluster.devices,
              90, cluster)
 
-    remaining = lambda: max(30.0, timeout - (time.monotonic() - started))  # noqa: E731
+    def remaining() -> float:
+        return max(30.0, timeout - (time.monotonic() - started))
+
     console.print(f"3. deploy {MODEL}:v1 to the whole fleet")
     client.post("/api/v1/rollouts", json={"model": MODEL, "version": "v1", "steps": [1.0], "selector": {}})
     first = follow(client, cluster, f"{MODEL}-v1", remaining())
@@ -254,8 +254,8 @@ def _story(cluster: Cluster, sm: Any, started: float, timeout: float) -> int:
     )
     elapsed = time.monotonic() - started
     if story_ok:
-        console.print(f"\n[green]demo complete[/] in {elapsed:.0f}s: v2 promoted on evidence, v3 rolled back by itself, "
-                      f"all {cluster.devices} devices serve v2")
+        console.print(f"\n[green]demo complete[/] in {elapsed:.0f}s: v2 promoted on evidence, "
+                      f"v3 rolled back by itself, all {cluster.devices} devices serve v2")
         return 0
     console.print(f"\n[red]demo failed[/]: v2 {good['phase']}, v3 {bad['phase']}; logs in {work / 'logs'}")
     return 1

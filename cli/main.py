@@ -18,7 +18,17 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from fleet.cli.client import Client, CliError, console, emit_json, err_console, labels_text, parse_labels, table
+from fleet.cli.client import (
+    Client,
+    CliError,
+    console,
+    emit_json,
+    err_console,
+    gate_table,
+    labels_text,
+    parse_labels,
+    table,
+)
 
 app = typer.Typer(
     name="fleet",
@@ -537,15 +547,7 @@ def _render_status(data: dict[str, Any]) -> None:
     analysis = data.get("analysis") or {}
     rows = analysis.get("metrics") if isinstance(analysis, dict) else None
     if rows:
-        table(f"gate: {analysis.get('verdict', '')}", ["metric", "value", "threshold", "ok", "samples"], [
-            [r.get("metric"), _fmt(r.get("value")), f"{r.get('comparison', '')} {_fmt(r.get('threshold'))}",
-             "yes" if r.get("ok") else "NO", r.get("samples")] for r in rows])
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "" if value is None else str(value)
+        gate_table(rows, title=f"gate: {analysis.get('verdict', '')}")
 
 
 @rollout_app.command("status")
@@ -618,9 +620,7 @@ def rollout_explain(name: str, controller: ControllerOpt = None, output: OutputO
         metrics = d.get("metrics") or {}
         rows = metrics.get("metrics") if isinstance(metrics, dict) else metrics
         if rows:
-            table(None, ["metric", "value", "threshold", "ok", "samples"], [
-                [r.get("metric"), _fmt(r.get("value")), f"{r.get('comparison', '')} {_fmt(r.get('threshold'))}",
-                 "yes" if r.get("ok") else "NO", r.get("samples")] for r in rows])
+            gate_table(rows)
 
 
 def _action(action: str, name: str, reason: str | None, controller: str | None, output: str) -> None:

@@ -93,7 +93,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
         return await asyncio.to_thread(work)
 
     async def _authenticate(self, context: grpc.aio.ServicerContext) -> str:
-        metadata = {k: v for k, v in (context.invocation_metadata() or ())}
+        metadata = dict(context.invocation_metadata() or ())
         device_id = str(metadata.get(DEVICE_ID_HEADER, ""))
         auth = str(metadata.get("authorization", ""))
         if not device_id or not auth.lower().startswith("bearer "):

@@ -44,10 +44,8 @@ class ReconcileLoop:
         """Thread-safe: ask for a pass soon."""
         if self._loop is None:
             return
-        try:
+        with contextlib.suppress(RuntimeError):  # loop closed during shutdown
             self._loop.call_soon_threadsafe(self._wake.set)
-        except RuntimeError:  # loop closed during shutdown
-            pass
 
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()

@@ -108,8 +108,8 @@ class LatencyHistogram:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> LatencyHistogram:
         hist = cls(float(raw.get("relative_accuracy", DEFAULT_ACCURACY)))
-        for key, n in dict(raw.get("buckets", {})).items():
-            index, n = int(key), int(n)
+        for key, raw_n in dict(raw.get("buckets", {})).items():
+            index, n = int(key), int(raw_n)
             if n < 0 or abs(index) > MAX_INDEX:
                 raise ValueError("histogram bucket out of range")
             if n:

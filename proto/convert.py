@@ -223,7 +223,9 @@ def batch_from_pb(msg: pb.TelemetryBatch) -> dict[str, Any]:
     }
 
 
-def report_to_pb(device_id: str, batches: list[Mapping[str, Any]], actual: Mapping[str, Any] | None) -> pb.TelemetryReport:
+def report_to_pb(
+    device_id: str, batches: list[Mapping[str, Any]], actual: Mapping[str, Any] | None
+) -> pb.TelemetryReport:
     msg = pb.TelemetryReport(device_id=device_id)
     for batch in batches:
         batch_to_pb(batch, msg.batches.add())

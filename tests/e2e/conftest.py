@@ -39,7 +39,8 @@ class FleetWorld:
         self.wait("controller ready", lambda: self.fleet_ok("models", "ls", "-o", "json"), 60)
 
     def fleet(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(fleet_cmd(*args), capture_output=True, text=True, env=self.cluster.env, timeout=timeout)
+        proc = subprocess.run(fleet_cmd(*args), capture_output=True, text=True, env=self.cluster.env, timeout=timeout,
+                              check=False)
         if check and proc.returncode != 0:
             raise AssertionError(f"fleet {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         return proc
