@@ -242,17 +242,19 @@ class Agent:
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self.state_changed.set)
 
-    @staticmethod
-    def _crash_hook() -> Any:
-        """Test hook: FLEET_AGENT_CRASH_AT=<state> makes the agent SIGKILL itself on entering that
-        update state, so crash recovery is tested with a real kill at an exact point."""
-        point = os.environ.get("FLEET_AGENT_CRASH_AT")
-        if not point:
+    def _crash_hook(self, model: str) -> Any:
+        """Test hook: FLEET_AGENT_CRASH_AT=<point>[@<version>] makes the agent SIGKILL itself when an
+        update (of that version) reaches the point, so crash recovery is tested with a real kill
+        at an exact place in the state machine."""
+        spec = os.environ.get("FLEET_AGENT_CRASH_AT")
+        if not spec:
             return None
+        point, _, version = spec.partition("@")
 
         def fault(reached: str) -> None:
-            if reached == point:
-                log.warning("FLEET_AGENT_CRASH_AT=%s reached: killing this process", point)
+            target = self.updaters[model].record.target_version if model in self.updaters else ""
+            if reached == point and (not version or version == target):
+                log.warning("FLEET_AGENT_CRASH_AT=%s reached: killing this process", spec)
                 os.kill(os.getpid(), signal.SIGKILL)
 
         return fault
@@ -270,7 +272,7 @@ class Agent:
                 providers=self.providers,
                 threads=self.config.threads,
                 on_status=self._on_status,
-                fault=self._crash_hook(),
+                fault=self._crash_hook(model),
             )
             self.workers[model] = ModelWorker(self.updaters[model])
         return self.updaters[model]

@@ -124,11 +124,13 @@ class FleetWorld:
                          lambda: (r := self.rollout(name))["phase"] in ("Completed", "RolledBack", "Aborted", "Paused")
                          and r, timeout)
 
-    def wait(self, what: str, check: Callable[[], Any], timeout: float, every: float = 0.5) -> Any:
+    def wait(self, what: str, check: Callable[[], Any], timeout: float, every: float = 0.5,
+             check_alive: bool = True) -> Any:
         deadline = time.monotonic() + timeout
         last_error: Exception | None = None
         while time.monotonic() < deadline:
-            self.cluster.check_alive()
+            if check_alive:
+                self.cluster.check_alive()
             try:
                 result = check()
                 if result:
