@@ -29,6 +29,7 @@ from fleet.cli.client import (
     parse_labels,
     table,
 )
+from fleet.core.errors import FleetError
 
 app = typer.Typer(
     name="fleet",
@@ -682,6 +683,9 @@ def main() -> None:
     except CliError as exc:
         err_console.print(f"[red]error:[/] {exc.message}")
         sys.exit(exc.code)
+    except FleetError as exc:  # a rule of the core refused local input (key, bundle, metadata)
+        err_console.print(f"[red]error:[/] {exc.message}")
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
 
