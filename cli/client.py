@@ -19,7 +19,7 @@ from rich.table import Table
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 class CliError(Exception):

@@ -189,6 +189,8 @@ class AgentService(pb_grpc.AgentServiceServicer):
                     yield pb.ControllerMessage(notice=pb.Notice(message="keepalive"))
                     continue
                 wake.clear()
+                if await self._db(lambda s: devices_svc.get_device(s, device_id).decommissioned):
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"device {device_id} was decommissioned")
                 state = await self._db(desired_svc.desired_state, device_id)
                 if state and int(state.get("generation", 0)) != sent_generation:
                     sent_generation = int(state["generation"])

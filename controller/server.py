@@ -13,12 +13,15 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 
 import grpc
 import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from fleet.controller import devices as devices_svc
 from fleet.controller.app import create_app
 from fleet.controller.context import ControllerContext, build_context
 from fleet.controller.engine import Reconciler
@@ -30,15 +33,38 @@ log = logging.getLogger(__name__)
 GRPC_MAX_MESSAGE = 16 * 1024 * 1024
 
 
+# Housekeeping that needs no event: re-sign the online metadata before it expires, drop old telemetry.
+TRUST_REFRESH_S = 60.0
+PRUNE_EVERY_S = 600.0
+
+
 @dataclass
 class ReconcileLoop:
     """Runs reconciler passes on a worker thread: one at a time, on a timer and on demand."""
 
     reconciler: Reconciler
     interval_s: float
+    ctx: ControllerContext | None = None
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _loop: asyncio.AbstractEventLoop | None = None
     passes: int = 0
+    _last_trust: float = 0.0
+    _last_prune: float = 0.0
+
+    def housekeeping(self, now: float) -> None:
+        """Blocking; runs on the worker thread between passes."""
+        if self.ctx is None:
+            return
+        if now - self._last_trust >= TRUST_REFRESH_S:
+            self._last_trust = now
+            self.ctx.trust.refresh()
+        if now - self._last_prune >= PRUNE_EVERY_S:
+            self._last_prune = now
+            cutoff = datetime.now(timezone.utc) - timedelta(hours=self.ctx.settings.telemetry_retention_hours)
+            with self.ctx.session_factory() as session, session.begin():
+                removed = devices_svc.prune_telemetry(session, older_than=cutoff)
+            if removed:
+                log.info("pruned %d telemetry windows older than %s", removed, cutoff.isoformat())
 
     def kick(self) -> None:
         """Thread-safe: ask for a pass soon."""
@@ -56,6 +82,10 @@ class ReconcileLoop:
                 self.passes += 1
             except Exception:
                 log.exception("reconciler pass failed; retrying on the next tick")
+            try:
+                await asyncio.to_thread(self.housekeeping, time.monotonic())
+            except Exception:
+                log.exception("housekeeping failed; retrying later")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.interval_s)
             # Coalesce bursts of kicks (a report from every device) into one pass.
@@ -70,7 +100,7 @@ class Controller:
         self.ctx: ControllerContext = build_context(settings)
         self.hub = DesiredStateHub()
         self.reconciler = Reconciler(self.ctx)
-        self.loop = ReconcileLoop(self.reconciler, settings.reconcile_interval_s)
+        self.loop = ReconcileLoop(self.reconciler, settings.reconcile_interval_s, self.ctx)
         self.ctx.on_desired_changed = self.hub.notify
         self.ctx.kick = self.loop.kick
         self.grpc_port: int | None = None
