@@ -35,8 +35,7 @@ def run_with_controller(tmp_path: Path, scenario: Callable[[Controller, str, str
 
     async def main() -> None:
         task = asyncio.create_task(controller.serve())
-        while controller.grpc_port is None or not controller.started.is_set():
-            await asyncio.sleep(0.02)
+        assert await asyncio.to_thread(controller.started.wait, 30), "controller did not start"
         try:
             await scenario(controller, f"127.0.0.1:{controller.grpc_port}", f"http://127.0.0.1:{settings.http_port}")
         finally:
