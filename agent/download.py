@@ -30,7 +30,7 @@ from pathlib import Path
 
 import httpx
 
-from fleet.agent.atomic import fsync_dir
+from fleet.core.atomic import fsync_dir
 from fleet.core.errors import FleetError, IntegrityError, StorageFullError
 
 DEFAULT_CHUNK = 256 * 1024

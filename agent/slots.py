@@ -28,7 +28,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from fleet.agent.atomic import CorruptStateError, fsync_dir, read_json, write_json_atomic
+from fleet.agent.atomic import CorruptStateError, read_json, write_json_atomic
+from fleet.core.atomic import fsync_dir
 from fleet.core.bundle import sha256_file
 from fleet.core.errors import BundleError, NotFoundError
 from fleet.core.manifest import MANIFEST_NAME, Manifest, check_name, check_version

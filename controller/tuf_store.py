@@ -8,12 +8,10 @@ repository decides the names, and nothing here may escape the directory.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import tempfile
 from pathlib import Path
 
+from fleet.core.atomic import write_bytes_atomic
 from fleet.core.errors import InvalidInputError
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -36,23 +34,5 @@ class FileMetadataStore:
             return None
 
     def put(self, filename: str, data: bytes) -> None:
-        target = self._path(filename)
-        fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", suffix=".tmp", dir=self.directory)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                os.fchmod(handle.fileno(), 0o644)  # public metadata; mkstemp's 0600 would hide it
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        # The rename itself must survive a power cut, not only the file's bytes.
-        with contextlib.suppress(OSError):
-            dir_fd = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        # Public metadata: 0644, where mkstemp's 0600 would hide it from a separate web server.
+        write_bytes_atomic(self._path(filename), data, mode=0o644)

@@ -24,11 +24,11 @@ import json
 import os
 import shutil
 import tarfile
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
+from fleet.core.atomic import atomic_writer, fsync_dir
 from fleet.core.errors import BundleError
 from fleet.core.manifest import (
     DTYPES,
@@ -141,28 +141,16 @@ def build_bundle(
     )
     manifest_bytes = manifest_json(manifest)
 
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target and rename, so a crash never leaves a half bundle under the real name.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    try:
-        with (
-            os.fdopen(fd, "wb") as raw,
-            tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar,
-        ):
-            tar.addfile(_tar_info(MANIFEST_NAME, len(manifest_bytes)), io.BytesIO(manifest_bytes))
-            for file_name in sorted(sources):
-                variant = next(v for v in manifest.variants if v.file == file_name)
-                with open(sources[file_name], "rb") as src:
-                    tar.addfile(_tar_info(file_name, variant.size), src)
-            tar.close()  # writes the end-of-archive blocks, which must be on disk before the rename
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp_name, out_path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
+    # Written beside the target and renamed, so a crash never leaves a half bundle under the real name.
+    with (
+        atomic_writer(Path(out_path), mode=0o644) as raw,
+        tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        tar.addfile(_tar_info(MANIFEST_NAME, len(manifest_bytes)), io.BytesIO(manifest_bytes))
+        for file_name in sorted(sources):
+            variant = next(v for v in manifest.variants if v.file == file_name)
+            with open(sources[file_name], "rb") as src:
+                tar.addfile(_tar_info(file_name, variant.size), src)
     return manifest
 
 
@@ -325,7 +313,7 @@ def extract_bundle(
             budget = _Budget(max_total_bytes)
             for member in members:
                 _extract_member(tar, member, dest, budget, manifest)
-            _fsync_dir(dest)
+            fsync_dir(dest)
         except BaseException:
             _remove_written(dest, created)
             raise
@@ -508,15 +496,6 @@ def _check_variant_bytes(manifest: Manifest, file_name: str, size: int, sha256: 
             f"{file_name!r} has SHA-256 {sha256} but the manifest says {variant.sha256}: "
             "the model file was altered or corrupted"
         )
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _remove_written(dest: Path, created: bool) -> None:

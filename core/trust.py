@@ -27,7 +27,6 @@ import hashlib
 import os
 import re
 import stat
-import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
@@ -51,6 +50,7 @@ from tuf.api.metadata import (
 from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
+from fleet.core.atomic import write_bytes_atomic
 from fleet.core.errors import (
     ConflictError,
     InvalidInputError,
@@ -105,12 +105,12 @@ def generate_key_pair(private_path: Path, *, overwrite: bool = False) -> str:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     if overwrite:
-        _replace_file(private_path, private_pem, 0o600)
+        write_bytes_atomic(private_path, private_pem, 0o600)
     else:
         _create_file(private_path, private_pem, 0o600)
     try:
         if overwrite:
-            _replace_file(public_path, public_pem, 0o644)
+            write_bytes_atomic(public_path, public_pem, 0o644)
         else:
             _create_file(public_path, public_pem, 0o644)
     except BaseException:
@@ -132,21 +132,6 @@ def _create_file(path: Path, data: bytes, mode: int) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def _replace_file(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mkstemp creates with 0600
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), mode)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def load_signer(private_path: Path) -> CryptoSigner:
