@@ -44,18 +44,15 @@ import numpy as np
 from fleet.agent.runtime import LoadedModel
 from fleet.core.agreement import AgreementAccumulator, compare
 from fleet.core.errors import (
-    AuthenticationError,
     ConflictError,
     FleetError,
     InferenceInputError,
     InvalidInputError,
-    ModelLoadError,
     NotFoundError,
-    PermissionDeniedError,
-    StorageFullError,
 )
 from fleet.core.histogram import DEFAULT_ACCURACY, LatencyHistogram
 from fleet.core.manifest import DTYPES
+from fleet.proto.errors import status_for
 from fleet.proto.inference import grpc_service_pb2 as pb
 from fleet.proto.inference import grpc_service_pb2_grpc as pb_grpc
 
@@ -377,22 +374,8 @@ class ModelHost:
 
 
 def grpc_status_for(error: FleetError) -> grpc.StatusCode:
-    """The one mapping from domain errors to gRPC status codes for this endpoint."""
-    if isinstance(error, NotFoundError):
-        return grpc.StatusCode.NOT_FOUND
-    if isinstance(error, InferenceInputError | InvalidInputError):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(error, ModelLoadError):
-        return grpc.StatusCode.UNAVAILABLE
-    if isinstance(error, ConflictError):
-        return grpc.StatusCode.FAILED_PRECONDITION
-    if isinstance(error, AuthenticationError):
-        return grpc.StatusCode.UNAUTHENTICATED
-    if isinstance(error, PermissionDeniedError):
-        return grpc.StatusCode.PERMISSION_DENIED
-    if isinstance(error, StorageFullError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
-    return grpc.StatusCode.INTERNAL
+    """This endpoint's status for a domain error: the project-wide mapping of `fleet.proto.errors`."""
+    return status_for(error)[0]
 
 
 _Resp = TypeVar("_Resp")

@@ -112,37 +112,84 @@ def compare(
     return {name: compare_output(name, task, arr, shadow.get(name)) for name, arr in serving.items()}
 
 
-class _Sums:
-    __slots__ = ("cosine_min", "cosine_sum", "max_abs_diff", "mean_abs_diff_sum", "samples",
-                 "top1_agree", "top1_samples")
+@dataclass
+class AgreementSums:
+    """Running sums of the shadow/serving comparison of one output; merges by addition.
 
-    def __init__(self) -> None:
-        self.samples = 0
-        self.cosine_sum = 0.0
-        self.cosine_min = 1.0
-        self.mean_abs_diff_sum = 0.0
-        self.max_abs_diff = 0.0
-        self.top1_agree = 0
-        self.top1_samples = 0
+    The same sums travel as `OutputAgreement` dicts in telemetry; devices, the controller's
+    merge and the gate all go through this one type.
+    """
+
+    samples: int = 0
+    cosine_sum: float = 0.0
+    cosine_min: float = math.inf
+    mean_abs_diff_sum: float = 0.0
+    max_abs_diff: float = 0.0
+    top1_agree: int = 0
+    top1_samples: int = 0
+
+    def add_comparison(self, c: OutputComparison) -> None:
+        self.samples += 1
+        self.cosine_sum += c.cosine
+        self.cosine_min = min(self.cosine_min, c.cosine)
+        self.mean_abs_diff_sum += c.mean_abs_diff
+        self.max_abs_diff = max(self.max_abs_diff, c.max_abs_diff)
+        self.top1_agree += c.top1_agree
+        self.top1_samples += c.top1_samples
+
+    def add(self, raw: Mapping[str, Any]) -> None:
+        """Add an `OutputAgreement` dict (an entry with no samples carries nothing)."""
+        samples = int(raw.get("samples", 0) or 0)
+        if samples <= 0:
+            return
+        self.samples += samples
+        self.cosine_sum += float(raw.get("cosine_sum", 0.0) or 0.0)
+        self.cosine_min = min(self.cosine_min, float(raw.get("cosine_min", 1.0)))
+        self.mean_abs_diff_sum += float(raw.get("mean_abs_diff_sum", 0.0) or 0.0)
+        self.max_abs_diff = max(self.max_abs_diff, float(raw.get("max_abs_diff", 0.0) or 0.0))
+        self.top1_agree += int(raw.get("top1_agree", 0) or 0)
+        self.top1_samples += int(raw.get("top1_samples", 0) or 0)
+
+    def merge(self, other: AgreementSums) -> None:
+        self.samples += other.samples
+        self.cosine_sum += other.cosine_sum
+        self.cosine_min = min(self.cosine_min, other.cosine_min)
+        self.mean_abs_diff_sum += other.mean_abs_diff_sum
+        self.max_abs_diff = max(self.max_abs_diff, other.max_abs_diff)
+        self.top1_agree += other.top1_agree
+        self.top1_samples += other.top1_samples
+
+    def to_dict(self, output: str) -> dict[str, Any]:
+        return {
+            "output": output,
+            "samples": self.samples,
+            "cosine_sum": self.cosine_sum,
+            "cosine_min": self.cosine_min if self.samples else 1.0,
+            "mean_abs_diff_sum": self.mean_abs_diff_sum,
+            "max_abs_diff": self.max_abs_diff,
+            "top1_agree": self.top1_agree,
+            "top1_samples": self.top1_samples,
+        }
+
+    def score(self, task: str) -> tuple[float, int, str]:
+        """(agreement, samples it rests on, what it is) for this task."""
+        if task == "classification" and self.top1_samples:
+            return self.top1_agree / self.top1_samples, self.top1_samples, "top-1 agreement"
+        if self.samples:
+            return self.cosine_sum / self.samples, self.samples, "mean cosine similarity"
+        return math.nan, 0, "no comparisons"
 
 
 class AgreementAccumulator:
     """Running agreement sums per output over one telemetry window. Not thread-safe by itself."""
 
     def __init__(self) -> None:
-        self._sums: dict[str, _Sums] = {}
+        self._sums: dict[str, AgreementSums] = {}
 
     def add(self, comparisons: Mapping[str, OutputComparison] | Iterable[OutputComparison]) -> None:
         items = comparisons.values() if isinstance(comparisons, Mapping) else comparisons
         for c in items:
-            s = self._sums.setdefault(c.output, _Sums())
-            s.samples += 1
-            s.cosine_sum += c.cosine
-            s.cosine_min = min(s.cosine_min, c.cosine)
-            s.mean_abs_diff_sum += c.mean_abs_diff
-            s.max_abs_diff = max(s.max_abs_diff, c.max_abs_diff)
-            s.top1_agree += c.top1_agree
-            s.top1_samples += c.top1_samples
+            self._sums.setdefault(c.output, AgreementSums()).add_comparison(c)
 
     @property
     def samples(self) -> int:
@@ -151,20 +198,7 @@ class AgreementAccumulator:
 
     def to_list(self) -> list[dict[str, Any]]:
         """The sums as `OutputAgreement` dicts, sorted by output name."""
-        return [
-            {
-                "output": name,
-                "samples": s.samples,
-                "cosine_sum": s.cosine_sum,
-                "cosine_min": s.cosine_min,
-                "mean_abs_diff_sum": s.mean_abs_diff_sum,
-                "max_abs_diff": s.max_abs_diff,
-                "top1_agree": s.top1_agree,
-                "top1_samples": s.top1_samples,
-            }
-            for name, s in sorted(self._sums.items())
-            if s.samples
-        ]
+        return [s.to_dict(name) for name, s in sorted(self._sums.items()) if s.samples]
 
     def reset(self) -> None:
         self._sums = {}
@@ -174,30 +208,7 @@ class AgreementAccumulator:
         a: Iterable[Mapping[str, Any]], b: Iterable[Mapping[str, Any]]
     ) -> list[dict[str, Any]]:
         """Merge two lists of `OutputAgreement` dicts output by output (sums add, extremes combine)."""
-        merged: dict[str, dict[str, Any]] = {}
+        merged: dict[str, AgreementSums] = {}
         for entry in [*a, *b]:
-            name = str(entry["output"])
-            samples = int(entry.get("samples", 0))
-            if samples <= 0:
-                continue  # an empty entry carries no cosine_min worth keeping
-            cur = merged.get(name)
-            if cur is None:
-                merged[name] = {
-                    "output": name,
-                    "samples": samples,
-                    "cosine_sum": float(entry.get("cosine_sum", 0.0)),
-                    "cosine_min": float(entry.get("cosine_min", 1.0)),
-                    "mean_abs_diff_sum": float(entry.get("mean_abs_diff_sum", 0.0)),
-                    "max_abs_diff": float(entry.get("max_abs_diff", 0.0)),
-                    "top1_agree": int(entry.get("top1_agree", 0)),
-                    "top1_samples": int(entry.get("top1_samples", 0)),
-                }
-                continue
-            cur["samples"] += samples
-            cur["cosine_sum"] += float(entry.get("cosine_sum", 0.0))
-            cur["cosine_min"] = min(cur["cosine_min"], float(entry.get("cosine_min", 1.0)))
-            cur["mean_abs_diff_sum"] += float(entry.get("mean_abs_diff_sum", 0.0))
-            cur["max_abs_diff"] = max(cur["max_abs_diff"], float(entry.get("max_abs_diff", 0.0)))
-            cur["top1_agree"] += int(entry.get("top1_agree", 0))
-            cur["top1_samples"] += int(entry.get("top1_samples", 0))
-        return [merged[name] for name in sorted(merged)]
+            merged.setdefault(str(entry["output"]), AgreementSums()).add(entry)
+        return [s.to_dict(name) for name, s in sorted(merged.items()) if s.samples]

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
+from fleet.core.agreement import AgreementSums
 from fleet.core.errors import InvalidInputError
 from fleet.core.histogram import LatencyHistogram
 
@@ -102,47 +103,6 @@ class GatePolicy:
 
 
 # -- evidence -------------------------------------------------------------------------------------
-
-
-@dataclass
-class AgreementSums:
-    """Running sums of the shadow/serving comparison of one output (mergeable by addition)."""
-
-    samples: int = 0
-    cosine_sum: float = 0.0
-    cosine_min: float = math.inf
-    mean_abs_diff_sum: float = 0.0
-    max_abs_diff: float = 0.0
-    top1_agree: int = 0
-    top1_samples: int = 0
-
-    def add(self, raw: Mapping[str, Any]) -> None:
-        samples = int(raw.get("samples", 0) or 0)
-        self.samples += samples
-        self.cosine_sum += float(raw.get("cosine_sum", 0.0) or 0.0)
-        if samples:
-            self.cosine_min = min(self.cosine_min, float(raw.get("cosine_min", 1.0)))
-        self.mean_abs_diff_sum += float(raw.get("mean_abs_diff_sum", 0.0) or 0.0)
-        self.max_abs_diff = max(self.max_abs_diff, float(raw.get("max_abs_diff", 0.0) or 0.0))
-        self.top1_agree += int(raw.get("top1_agree", 0) or 0)
-        self.top1_samples += int(raw.get("top1_samples", 0) or 0)
-
-    def merge(self, other: AgreementSums) -> None:
-        self.samples += other.samples
-        self.cosine_sum += other.cosine_sum
-        self.cosine_min = min(self.cosine_min, other.cosine_min)
-        self.mean_abs_diff_sum += other.mean_abs_diff_sum
-        self.max_abs_diff = max(self.max_abs_diff, other.max_abs_diff)
-        self.top1_agree += other.top1_agree
-        self.top1_samples += other.top1_samples
-
-    def score(self, task: str) -> tuple[float, int, str]:
-        """(agreement, samples it rests on, what it is) for this task."""
-        if task == "classification" and self.top1_samples:
-            return self.top1_agree / self.top1_samples, self.top1_samples, "top-1 agreement"
-        if self.samples:
-            return self.cosine_sum / self.samples, self.samples, "mean cosine similarity"
-        return math.nan, 0, "no comparisons"
 
 
 @dataclass
