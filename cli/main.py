@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -457,12 +456,12 @@ def tokens_ls(controller: ControllerOpt = None, output: OutputOpt = "table") -> 
 class RolloutGroup(TyperGroup):
     """`fleet rollout NAME:VERSION ...` starts a rollout; `fleet rollout status ...` etc. manage them."""
 
-    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
         if args and args[0] not in self.commands and not args[0].startswith("-"):
             args.insert(0, "start")
         return super().resolve_command(ctx, args)
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and not args[0].startswith("-"):
             args.insert(0, "start")
         return super().parse_args(ctx, args)

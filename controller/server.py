@@ -14,6 +14,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -92,6 +93,15 @@ class ReconcileLoop:
             await asyncio.sleep(0.05)
 
 
+class _EmbeddedHttpServer(uvicorn.Server):
+    """uvicorn without signal handlers of its own: the controller's event loop owns SIGINT/SIGTERM
+    and stops REST, gRPC and the reconciler together."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 class Controller:
     """Everything the controller process runs, startable in-process (tests) or from the CLI."""
 
@@ -142,8 +152,7 @@ class Controller:
             lifespan="off",
             timeout_graceful_shutdown=2,
         )
-        http = uvicorn.Server(config)
-        http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        http = _EmbeddedHttpServer(config)
         http_task = asyncio.create_task(http.serve())
         loop_task = asyncio.create_task(self.loop.run(self.stop_event))
         log.info(

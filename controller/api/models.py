@@ -9,7 +9,6 @@ resumes where it stopped, and its ETag is the bundle's SHA-256. Stores that are 
 from __future__ import annotations
 
 import contextlib
-import io
 from collections.abc import Iterator
 from typing import Annotated, BinaryIO
 
@@ -188,7 +187,7 @@ def download_bundle(name: str, version: str, request: Request, ctx: Ctx) -> Resp
         handle = ctx.artifacts.open(key)
     except NotFoundError as exc:
         raise NotFoundError(f"the bytes of {name}:{version} are missing from the artifact store") from exc
-    if not isinstance(handle, io.IOBase) or not handle.seekable():
+    if not handle.seekable():
         with contextlib.suppress(Exception):
             handle.close()
         raise NotFoundError(f"the artifact store cannot serve {name}:{version} directly")
