@@ -72,7 +72,8 @@ app.add_typer(controller_app, name="controller")
 def _log_setup(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Per-request lines from the HTTP client would drown the agent's own story.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    for noisy in ("httpx", "alembic"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 @controller_app.command("serve")

@@ -28,6 +28,7 @@ from fleet.controller.context import ControllerContext, build_context
 from fleet.controller.engine import Reconciler
 from fleet.controller.grpc_service import AgentService, DesiredStateHub
 from fleet.controller.settings import ControllerSettings
+from fleet.core.errors import NotFoundError
 from fleet.proto.fleet.v1 import fleet_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,8 @@ class ReconcileLoop:
             return
         if now - self._last_trust >= TRUST_REFRESH_S:
             self._last_trust = now
-            self.ctx.trust.refresh()
+            with contextlib.suppress(NotFoundError):  # no root yet: nothing is signed, nothing expires
+                self.ctx.trust.refresh()
         if now - self._last_prune >= PRUNE_EVERY_S:
             self._last_prune = now
             cutoff = datetime.now(timezone.utc) - timedelta(hours=self.ctx.settings.telemetry_retention_hours)

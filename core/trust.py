@@ -538,7 +538,8 @@ class OnlineRepository:
         data = self._store.get("root.json")
         if data is None:
             raise NotFoundError(
-                "no root metadata installed: upload the root.json made by `fleet keys init` first"
+                "no root metadata installed yet: the first `fleet models push` (or `fleet keys export-root`) "
+                "creates it from the operator's release key"
             )
         return _parse(data, Root, "stored root.json")
 
