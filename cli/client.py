@@ -111,6 +111,12 @@ def gate_table(rows: Iterable[dict[str, Any]], title: str | None = None) -> None
          ok(r.get("ok")), r.get("samples"), r.get("detail")] for r in rows])
 
 
+def when(value: Any) -> str:
+    """An ISO timestamp shortened for a table cell (UTC, to the second)."""
+    text = "" if value is None else str(value)
+    return text[:19].replace("T", " ") if len(text) >= 19 else text
+
+
 def labels_text(labels: dict[str, str] | None) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted((labels or {}).items()))
 

@@ -27,6 +27,7 @@ from fleet.cli.client import (
     labels_text,
     parse_labels,
     table,
+    when,
 )
 from fleet.core.errors import FleetError
 
@@ -384,7 +385,7 @@ def devices_ls(
         return
     table("devices", ["id", "labels", "hardware", "connected", "models", "last seen"], [
         [d["id"], labels_text(d.get("labels")), (d.get("hardware") or {}).get("hardware_class"),
-         "yes" if d.get("connected") else "no", _serving(d), d.get("last_seen_at")]
+         "yes" if d.get("connected") else "no", _serving(d), when(d.get("last_seen_at"))]
         for d in data
     ])
 
@@ -400,7 +401,7 @@ def devices_show(device_id: str, controller: ControllerOpt = None, output: Outpu
     table(device_id, ["field", "value"], [
         ["labels", labels_text(data.get("labels"))],
         ["hardware", f"{hw.get('hardware_class')} {hw.get('arch')} providers={','.join(hw.get('execution_providers', []))}"],
-        ["connected", data.get("connected")], ["last seen", data.get("last_seen_at")],
+        ["connected", data.get("connected")], ["last seen", when(data.get("last_seen_at"))],
         ["desired generation", (data.get("desired") or {}).get("generation")],
         ["applied generation", (data.get("actual") or {}).get("desired_generation")],
     ])
@@ -414,7 +415,8 @@ def devices_show(device_id: str, controller: ControllerOpt = None, output: Outpu
     events = data.get("events") or data.get("recent_events") or []
     if events:
         table("recent update events", ["at", "model", "version", "state", "reason"],
-              [[e.get("at"), e.get("model"), e.get("version"), e.get("state"), e.get("reason")] for e in events[:10]])
+              [[when(e.get("at")), e.get("model"), e.get("version"), e.get("state"), e.get("reason")]
+               for e in events[:10]])
 
 
 tokens_app = typer.Typer(help="Enrolment tokens for new devices.", no_args_is_help=True)
@@ -545,8 +547,10 @@ def _render_status(data: dict[str, Any]) -> None:
         console.print(f"  {data['message']}")
     progress = data.get("progress") or data.get("cohorts") or []
     if progress:
-        cols = sorted({k for row in progress for k in row if k not in ("step",)})
-        table("cohorts", ["step", *cols], [[row.get("step"), *(row.get(c) for c in cols)] for row in progress])
+        cols = ["assigned", "shadowing", "serving", "confirmed", "failed", "rolled_back"]
+        table("cohorts", ["step", "share", *cols], [
+            [row.get("step"), f"{float(row.get('fraction') or 0) * 100:g}%", *(row.get(c, 0) for c in cols)]
+            for row in progress])
     analysis = data.get("analysis") or {}
     rows = analysis.get("metrics") if isinstance(analysis, dict) else None
     if rows:
@@ -606,7 +610,7 @@ def rollout_ls(
         return
     table("rollouts", ["name", "model", "version", "phase", "step", "created"], [
         [r.get("name") or r.get("id"), r.get("model"), r.get("version"), r.get("phase"),
-         f"{r.get('step_index', 0) + 1}/{len(r.get('steps', []))}", r.get("created_at")] for r in data])
+         f"{r.get('step_index', 0) + 1}/{len(r.get('steps', []))}", when(r.get("created_at"))] for r in data])
 
 
 @rollout_app.command("explain")
@@ -618,7 +622,7 @@ def rollout_explain(name: str, controller: ControllerOpt = None, output: OutputO
         emit_json(decisions)
         return
     for d in decisions:
-        console.print(f"[bold]{d.get('at')}[/] step {d.get('step_index', 0) + 1} {d.get('kind')} "
+        console.print(f"[bold]{when(d.get('at'))}[/] step {d.get('step_index', 0) + 1} {d.get('kind')} "
                       f"{d.get('verdict') or ''} by {d.get('actor')}: {d.get('reason')}")
         metrics = d.get("metrics") or {}
         rows = metrics.get("metrics") if isinstance(metrics, dict) else metrics
