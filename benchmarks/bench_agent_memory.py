@@ -98,8 +98,8 @@ def _child(args: argparse.Namespace) -> None:
         await loop.run_in_executor(None, sys.stdin.readline)  # the client is done
         await loop.run_in_executor(None, host.wait_shadow_idle, 60.0)
         windows = host.drain_windows()
-        serving_w = next((w for w in windows if w["role"] == "serving"), {})
-        shadow_w = next((w for w in windows if w["role"] == "shadow"), {})
+        serving_w: dict[str, Any] = next((w for w in windows if w["role"] == "serving"), {})
+        shadow_w: dict[str, Any] = next((w for w in windows if w["role"] == "shadow"), {})
         _emit("point", name=f"after {args.requests} inferences", **proc_status())
         _emit("counts", requests=serving_w.get("requests", 0), mirrored=serving_w.get("mirrored", 0),
               dropped=serving_w.get("shadow_dropped", 0), compared=shadow_w.get("requests", 0))

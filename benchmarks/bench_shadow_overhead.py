@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 MODEL = "bench"
+SCRIPT = os.path.abspath(__file__)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -47,6 +48,33 @@ def percentile(values: list[float], q: float) -> float:
 # --------------------------------------------------------------------------------------------
 # The client process: an application calling the agent, driven by JSON lines on stdin
 # --------------------------------------------------------------------------------------------
+
+
+async def _closed_loop(stub: Any, pool: list[Any], concurrency: int, total: int) -> tuple[list[float], int, float]:
+    """`total` requests from `concurrency` callers, each sending its next as soon as one returns."""
+    import grpc
+
+    latencies: list[float] = []
+    errors = 0
+    issued = 0
+
+    async def caller(offset: int) -> None:
+        nonlocal issued, errors
+        k = offset
+        while issued < total:
+            issued += 1
+            start = time.perf_counter()
+            try:
+                await stub.ModelInfer(pool[k % len(pool)], timeout=10)
+            except grpc.aio.AioRpcError:
+                errors += 1
+                continue
+            latencies.append((time.perf_counter() - start) * 1000.0)
+            k += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller(i) for i in range(concurrency)))
+    return latencies, errors, time.perf_counter() - started
 
 
 async def _client_main(port: int, seed: int) -> None:
@@ -75,28 +103,8 @@ async def _client_main(port: int, seed: int) -> None:
             if not line.strip():
                 return  # parent closed stdin: done
             command = json.loads(line)
-            concurrency, total = int(command["concurrency"]), int(command["requests"])
-            latencies: list[float] = []
-            errors = 0
-            issued = 0
-
-            async def worker(offset: int) -> None:
-                nonlocal issued, errors
-                k = offset
-                while issued < total:
-                    issued += 1
-                    start = time.perf_counter()
-                    try:
-                        await stub.ModelInfer(requests[k % len(requests)], timeout=10)
-                    except grpc.aio.AioRpcError:
-                        errors += 1
-                        continue
-                    latencies.append((time.perf_counter() - start) * 1000.0)
-                    k += 1
-
-            started = time.perf_counter()
-            await asyncio.gather(*(worker(i) for i in range(concurrency)))
-            wall = time.perf_counter() - started
+            latencies, errors, wall = await _closed_loop(stub, requests, int(command["concurrency"]),
+                                                         int(command["requests"]))
             print(json.dumps({"latencies_ms": latencies, "wall_s": wall, "errors": errors}), flush=True)
 
 
@@ -137,13 +145,11 @@ def _block_order(modes: list[float], rounds: int) -> list[float]:
     return order
 
 
-async def _bench(args: argparse.Namespace) -> dict[str, Any]:
-    from fleet.agent.inference import ModelHost, bound_port, start_inference_server
+def _load_models(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """v1 (serving) and v2 (shadow) as real, warmed-up ONNX Runtime sessions."""
     from fleet.agent.runtime import load_model
     from fleet.core import synthetic_models as sm
-    from fleet.core.histogram import LatencyHistogram
 
-    work = Path(tempfile.mkdtemp(prefix="bench-shadow-"))
     loaded = {}
     for version, seed in (("v1", 1), ("v2", 2)):
         blob = sm.classifier(seed, slow_factor=args.slow_factor)
@@ -152,20 +158,26 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         loaded[version] = load_model(path, sm.manifest_for(blob, name=MODEL, version=version),
                                      ["CPUExecutionProvider"], threads=1)
         loaded[version].warmup(runs=5)
+    return loaded
+
+
+async def _bench(args: argparse.Namespace, loaded: dict[str, Any]) -> dict[str, Any]:
+    from fleet.agent.inference import ModelHost, bound_port, start_inference_server
+    from fleet.core.histogram import LatencyHistogram
 
     host = ModelHost(workers=args.workers)
     host.set_serving(MODEL, loaded["v1"])
     server = await start_inference_server(host, "127.0.0.1:0")
     port = bound_port(server)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, os.path.abspath(__file__), "--client-worker", str(port),
+        sys.executable, SCRIPT, "--client-worker", str(port),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     client = _Client(proc)
     modes = [0.0, *args.sample_rates]
     results: dict[str, Any] = {"config": {
-        "model_ms_note": "classifier(slow_factor=%d)" % args.slow_factor, "requests_per_mode": args.requests,
+        "model": f"classifier(slow_factor={args.slow_factor})", "requests_per_mode": args.requests,
         "rounds": args.rounds, "warmup": args.warmup, "concurrency": args.concurrency,
         "sample_rates": args.sample_rates, "host_workers": args.workers, "cpus": os.cpu_count(),
         "load_avg_at_start": os.getloadavg()[0],
@@ -238,9 +250,6 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
             await proc.wait()
         await server.stop(grace=1)
         host.close()
-        for path in work.iterdir():
-            path.unlink()
-        work.rmdir()
     return results
 
 
@@ -285,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--sample-rates must be within (0, 1]")
     if args.requests < args.rounds or args.rounds < 1:
         parser.error("--requests must be at least --rounds, and --rounds at least 1")
-    results = asyncio.run(_bench(args))
+    with tempfile.TemporaryDirectory(prefix="bench-shadow-") as work:
+        loaded = _load_models(args, Path(work))
+        results = asyncio.run(_bench(args, loaded))
     _print_table(results)
     print("RESULT " + json.dumps(results, sort_keys=True))
     return 0
