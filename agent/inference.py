@@ -25,9 +25,11 @@ expected it is ready: a device without an assignment has nothing to wait for, an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
+import os
 import queue
 import random
 import threading
@@ -57,6 +59,8 @@ from fleet.proto.inference import grpc_service_pb2 as pb
 from fleet.proto.inference import grpc_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+# Niceness of the shadow worker thread relative to the serving threads.
+SHADOW_NICE = 10
 
 ROLE_SERVING = "serving"
 ROLE_SHADOW = "shadow"
@@ -279,6 +283,11 @@ class ModelHost:
     # -- the shadow worker -------------------------------------------------------------------
 
     def _shadow_loop(self) -> None:
+        # The shadow is evidence, not service: on a small device its inference must lose every
+        # contest for a core to the serving path, so the worker thread runs at a lower priority
+        # (Linux schedules threads individually; elsewhere this is a no-op).
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SHADOW_NICE)
         while True:
             item = self._queue.get()
             try:
