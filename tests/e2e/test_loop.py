@@ -120,3 +120,35 @@ def test_dynamic_dims_and_two_outputs_through_the_loop(world: FleetWorld) -> Non
     version, out = triton_infer(world, devices[-1], "segmenter",
                                 {"image": np.ones((1, 3, 5, 7), dtype=np.float32)}, ["channel_mean", "mask"])
     assert version == "v2" and out["mask"].shape == (1, 1, 5, 7)
+
+
+def test_devices_keep_serving_while_the_controller_is_away(world: FleetWorld) -> None:
+    # Given devices serving detector v2 (from the first scenario) and telemetry flowing
+    devices = [d["id"] for d in world.json("devices", "ls")]
+    device = devices[0]
+    assert world.serving(device, "detector") == "v2"
+
+    # When the controller goes down and a device restarts without it
+    controller = world.cluster.procs.pop("controller")
+    controller.terminate()
+    controller.wait(timeout=20)
+    agent = world.cluster.procs.pop(device)
+    agent.terminate()
+    agent.wait(timeout=20)
+    (world.workdir / "agents" / device / "endpoint.json").unlink()
+    world.start_agent(int(device.split("-")[1]), token=None)
+
+    # Then it serves its last desired model from disk, and spools telemetry
+    client = triton.InferenceServerClient(url=f"127.0.0.1:{world.inference_port(device)}")
+    world.wait("detector ready offline", lambda: client.is_model_ready("detector"), 30, every=0.2)
+    version, _ = triton_infer(world, device, "detector", {"input": np.zeros((1, 3, 32, 32), dtype=np.float32)},
+                              ["probabilities"])
+    assert version == "v2"
+    spool = world.workdir / "agents" / device / "spool"
+    world.wait("telemetry spooled on disk", lambda: any(p.stem.isdigit() for p in spool.glob("*.json")), 30)
+
+    # And when the controller returns, the device reconnects and the spool drains
+    world.cluster.start_controller()
+    world.wait("device reconnected", lambda: world.device(device).get("connected"), 60)
+    world.wait("spool drained", lambda: not any(p.stem.isdigit() for p in spool.glob("*.json")), 60)
+    assert world.serving(device, "detector") == "v2"
