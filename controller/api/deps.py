@@ -14,6 +14,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from fleet.controller.context import ControllerContext
+from fleet.controller.db import session_scope
 
 
 def get_ctx(request: Request) -> ControllerContext:
@@ -22,16 +23,8 @@ def get_ctx(request: Request) -> ControllerContext:
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    ctx = get_ctx(request)
-    session = ctx.session_factory()
-    try:
+    with session_scope(get_ctx(request).session_factory) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 Ctx = Annotated[ControllerContext, Depends(get_ctx)]
