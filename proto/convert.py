@@ -170,7 +170,20 @@ def window_to_pb(window: Mapping[str, Any], into: pb.ModelWindow) -> None:
     histogram_to_pb(window.get("latency_ms"), into.latency_ms)
     histogram_to_pb(window.get("paired_serving_latency_ms"), into.paired_serving_latency_ms)
     for agreement in window.get("agreement", []):
-        into.agreement.add(**{k: agreement[k] for k in _AGREEMENT_FIELDS if k in agreement})
+        item = into.agreement.add(**{k: agreement[k] for k in _AGREEMENT_FIELDS if k in agreement})
+        for key, value in (agreement.get("sums") or {}).items():
+            item.sums[key] = float(value)
+        for key, value in (agreement.get("confusion") or {}).items():
+            item.confusion[key] = int(value)
+    for drift in window.get("drift") or []:
+        into.drift.add(
+            feature=drift["feature"], kind=drift.get("kind", ""), type=drift.get("type", ""),
+            counts=[int(c) for c in drift.get("counts", [])],
+            reference=[float(r) for r in drift.get("reference", [])],
+            samples=int(drift.get("samples", 0)),
+            psi=float(drift.get("psi", 0.0)), ks=float(drift.get("ks", 0.0)), js=float(drift.get("js", 0.0)),
+        )
+    into.profile_source = window.get("profile_source") or ""
 
 
 def window_from_pb(msg: pb.ModelWindow) -> dict[str, Any]:
@@ -187,7 +200,16 @@ def window_from_pb(msg: pb.ModelWindow) -> dict[str, Any]:
         "paired_serving_latency_ms": (
             histogram_from_pb(msg.paired_serving_latency_ms) if msg.HasField("paired_serving_latency_ms") else None
         ),
-        "agreement": [{k: getattr(a, k) for k in _AGREEMENT_FIELDS} for a in msg.agreement],
+        "agreement": [
+            {**{k: getattr(a, k) for k in _AGREEMENT_FIELDS}, "sums": dict(a.sums), "confusion": dict(a.confusion)}
+            for a in msg.agreement
+        ],
+        "drift": [
+            {"feature": d.feature, "kind": d.kind, "type": d.type, "counts": list(d.counts),
+             "reference": list(d.reference), "samples": d.samples, "psi": d.psi, "ks": d.ks, "js": d.js}
+            for d in msg.drift
+        ],
+        "profile_source": msg.profile_source,
     }
     return out
 

@@ -229,7 +229,21 @@ class LatencyHistogram(_message.Message):
     def __init__(self, relative_accuracy: _Optional[float] = ..., buckets: _Optional[_Mapping[int, int]] = ..., zero_count: _Optional[int] = ..., count: _Optional[int] = ..., sum: _Optional[float] = ..., min: _Optional[float] = ..., max: _Optional[float] = ...) -> None: ...
 
 class OutputAgreement(_message.Message):
-    __slots__ = ("output", "samples", "cosine_sum", "cosine_min", "mean_abs_diff_sum", "max_abs_diff", "top1_agree", "top1_samples")
+    __slots__ = ("output", "samples", "cosine_sum", "cosine_min", "mean_abs_diff_sum", "max_abs_diff", "top1_agree", "top1_samples", "sums", "confusion")
+    class SumsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class ConfusionEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     COSINE_SUM_FIELD_NUMBER: _ClassVar[int]
@@ -238,6 +252,8 @@ class OutputAgreement(_message.Message):
     MAX_ABS_DIFF_FIELD_NUMBER: _ClassVar[int]
     TOP1_AGREE_FIELD_NUMBER: _ClassVar[int]
     TOP1_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SUMS_FIELD_NUMBER: _ClassVar[int]
+    CONFUSION_FIELD_NUMBER: _ClassVar[int]
     output: str
     samples: int
     cosine_sum: float
@@ -246,10 +262,34 @@ class OutputAgreement(_message.Message):
     max_abs_diff: float
     top1_agree: int
     top1_samples: int
-    def __init__(self, output: _Optional[str] = ..., samples: _Optional[int] = ..., cosine_sum: _Optional[float] = ..., cosine_min: _Optional[float] = ..., mean_abs_diff_sum: _Optional[float] = ..., max_abs_diff: _Optional[float] = ..., top1_agree: _Optional[int] = ..., top1_samples: _Optional[int] = ...) -> None: ...
+    sums: _containers.ScalarMap[str, float]
+    confusion: _containers.ScalarMap[str, int]
+    def __init__(self, output: _Optional[str] = ..., samples: _Optional[int] = ..., cosine_sum: _Optional[float] = ..., cosine_min: _Optional[float] = ..., mean_abs_diff_sum: _Optional[float] = ..., max_abs_diff: _Optional[float] = ..., top1_agree: _Optional[int] = ..., top1_samples: _Optional[int] = ..., sums: _Optional[_Mapping[str, float]] = ..., confusion: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class FeatureDrift(_message.Message):
+    __slots__ = ("feature", "kind", "type", "counts", "reference", "samples", "psi", "ks", "js")
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    PSI_FIELD_NUMBER: _ClassVar[int]
+    KS_FIELD_NUMBER: _ClassVar[int]
+    JS_FIELD_NUMBER: _ClassVar[int]
+    feature: str
+    kind: str
+    type: str
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    reference: _containers.RepeatedScalarFieldContainer[float]
+    samples: int
+    psi: float
+    ks: float
+    js: float
+    def __init__(self, feature: _Optional[str] = ..., kind: _Optional[str] = ..., type: _Optional[str] = ..., counts: _Optional[_Iterable[int]] = ..., reference: _Optional[_Iterable[float]] = ..., samples: _Optional[int] = ..., psi: _Optional[float] = ..., ks: _Optional[float] = ..., js: _Optional[float] = ...) -> None: ...
 
 class ModelWindow(_message.Message):
-    __slots__ = ("model", "version", "role", "compared_to", "requests", "errors", "latency_ms", "agreement", "mirrored", "shadow_dropped", "paired_serving_latency_ms")
+    __slots__ = ("model", "version", "role", "compared_to", "requests", "errors", "latency_ms", "agreement", "mirrored", "shadow_dropped", "paired_serving_latency_ms", "drift", "profile_source")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -261,6 +301,8 @@ class ModelWindow(_message.Message):
     MIRRORED_FIELD_NUMBER: _ClassVar[int]
     SHADOW_DROPPED_FIELD_NUMBER: _ClassVar[int]
     PAIRED_SERVING_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_SOURCE_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     role: str
@@ -272,7 +314,9 @@ class ModelWindow(_message.Message):
     mirrored: int
     shadow_dropped: int
     paired_serving_latency_ms: LatencyHistogram
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., role: _Optional[str] = ..., compared_to: _Optional[str] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., latency_ms: _Optional[_Union[LatencyHistogram, _Mapping]] = ..., agreement: _Optional[_Iterable[_Union[OutputAgreement, _Mapping]]] = ..., mirrored: _Optional[int] = ..., shadow_dropped: _Optional[int] = ..., paired_serving_latency_ms: _Optional[_Union[LatencyHistogram, _Mapping]] = ...) -> None: ...
+    drift: _containers.RepeatedCompositeFieldContainer[FeatureDrift]
+    profile_source: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., role: _Optional[str] = ..., compared_to: _Optional[str] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., latency_ms: _Optional[_Union[LatencyHistogram, _Mapping]] = ..., agreement: _Optional[_Iterable[_Union[OutputAgreement, _Mapping]]] = ..., mirrored: _Optional[int] = ..., shadow_dropped: _Optional[int] = ..., paired_serving_latency_ms: _Optional[_Union[LatencyHistogram, _Mapping]] = ..., drift: _Optional[_Iterable[_Union[FeatureDrift, _Mapping]]] = ..., profile_source: _Optional[str] = ...) -> None: ...
 
 class UpdateEvent(_message.Message):
     __slots__ = ("model", "version", "role", "state", "reason", "at_ms")
