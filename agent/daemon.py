@@ -27,10 +27,12 @@ from typing import Any
 
 import grpc
 import httpx
+from prometheus_client import start_http_server
 
 from fleet.agent.atomic import read_json, write_json_atomic
 from fleet.agent.hardware import choose_providers, detect_hardware
 from fleet.agent.inference import ModelHost, bound_port, start_inference_server
+from fleet.agent.metrics import AgentMetrics
 from fleet.agent.slots import ModelStore
 from fleet.agent.traffic import TrafficSource
 from fleet.agent.trust import TrustedMetadataClient
@@ -56,6 +58,7 @@ class AgentConfig:
     labels: dict[str, str] = field(default_factory=dict)
     hardware_class: str | None = None
     inference_addr: str = "127.0.0.1:8001"
+    metrics_addr: str = "127.0.0.1:9101"  # Prometheus exposition; "" turns it off, port 0 picks one
     threads: int = 1
     telemetry_interval_s: float = 2.0
     spool_max_batches: int = 2000
@@ -175,6 +178,8 @@ class Agent:
         self.stop_event = asyncio.Event()
         self.connected = False
         self.inference_port: int | None = None
+        self.metrics = AgentMetrics(updates=lambda: {m: u.status() for m, u in list(self.updaters.items())})
+        self.metrics_port: int | None = None
         self.traffic: dict[str, TrafficSource] = {}
         self._window_start_ms = int(time.time() * 1000)
 
@@ -377,6 +382,7 @@ class Agent:
     def _cut_batch(self) -> None:
         now_ms = int(time.time() * 1000)
         windows = self.host.drain_windows()
+        self.metrics.observe_windows(windows)
         events, self.events = self.events, []
         if windows or events:
             self.spool.add(windows, events, self._window_start_ms, now_ms)
@@ -414,8 +420,14 @@ class Agent:
         self._loop = asyncio.get_running_loop()
         server = await start_inference_server(self.host, self.config.inference_addr)
         self.inference_port = bound_port(server)
+        metrics_server = None
+        if self.config.metrics_addr:
+            host, _, port = self.config.metrics_addr.rpartition(":")
+            metrics_server, _ = start_http_server(int(port), addr=host or "127.0.0.1", registry=self.metrics.registry)
+            self.metrics_port = int(metrics_server.server_port)
         write_json_atomic(self.data_dir / "endpoint.json",
-                          {"inference_port": self.inference_port, "pid": os.getpid()})
+                          {"inference_port": self.inference_port, "metrics_port": self.metrics_port,
+                           "pid": os.getpid()})
         log.info("inference endpoint on port %s", self.inference_port)
         await self.recover()
         tasks = [asyncio.create_task(self.sync_forever()), asyncio.create_task(self.telemetry_forever())]
@@ -430,6 +442,8 @@ class Agent:
             for worker in self.workers.values():
                 await worker.stop()
             await server.stop(grace=1.0)
+            if metrics_server is not None:
+                metrics_server.shutdown()
             self.host.close()
             self.http.close()
 

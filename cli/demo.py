@@ -69,6 +69,7 @@ class Cluster:
             "--controller-grpc", f"127.0.0.1:{self.grpc_port}", "--controller-url", self.url,
             "--trust-root", str(trust_root), "--token", token, "--device-id", f"cam-{index:02d}",
             "--label", f"site={site}", "--label", "kind=camera", "--inference-addr", "127.0.0.1:0",
+            "--metrics-addr", "127.0.0.1:0",
             "--traffic", "synthetic", "--traffic-rate", "25"))
 
     def check_alive(self) -> None:

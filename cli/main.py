@@ -121,6 +121,7 @@ def agent_run(
     label: Annotated[list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE, repeatable.")] = None,
     hardware_class: Annotated[str | None, typer.Option(envvar="FLEET_HARDWARE_CLASS", help="e.g. cpu, jetson-orin, coral.")] = None,
     inference_addr: Annotated[str, typer.Option(envvar="FLEET_INFERENCE_ADDR", help="Open Inference Protocol gRPC address.")] = "127.0.0.1:8001",
+    metrics_addr: Annotated[str, typer.Option(envvar="FLEET_AGENT_METRICS_ADDR", help="Prometheus /metrics address; '' turns it off.")] = "127.0.0.1:9101",
     threads: Annotated[int, typer.Option(envvar="FLEET_THREADS", help="ONNX Runtime intra-op threads per session.")] = 1,
     traffic: Annotated[str | None, typer.Option(help="Built-in traffic: 'synthetic' or a folder of .npy files.")] = None,
     traffic_rate: Annotated[float, typer.Option(help="Requests per second of the built-in traffic.")] = 20.0,
@@ -137,7 +138,7 @@ def agent_run(
     config = AgentConfig(
         data_dir=data_dir, controller_grpc=controller_grpc, controller_url=controller_url, trust_root=trust_root,
         enroll_token=token, device_id=device_id, labels=parse_labels(label), hardware_class=hardware_class,
-        inference_addr=inference_addr, threads=threads, traffic=traffic, traffic_rate=traffic_rate,
+        inference_addr=inference_addr, metrics_addr=metrics_addr, threads=threads, traffic=traffic, traffic_rate=traffic_rate,
         traffic_model=traffic_model,
     )
 

@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import re
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fleet.controller.api import devices, health, models, rollouts, tokens, trust
 from fleet.controller.api.errors import error_body, install_error_handlers
 from fleet.controller.context import ControllerContext
+from fleet.controller.metrics import ControllerMetrics
 
 UPLOAD_PATH_RE = re.compile(r"^/api/v1/models/[^/]+/versions/?$")
 # Multipart framing and the targets.json part ride along with the bundle.
@@ -139,7 +141,25 @@ def create_app(ctx: ControllerContext) -> FastAPI:
         default_limit=settings.max_request_body_bytes,
         upload_limit=settings.max_bundle_bytes + UPLOAD_OVERHEAD_BYTES,
     )
+    if ctx.metrics is not None:
+        metrics = ctx.metrics
+        app.add_api_route("/metrics", lambda: _metrics_response(metrics), methods=["GET"], include_in_schema=False)
+        app.add_middleware(_MetricsMiddleware, metrics=metrics)
     return app
+
+
+class _MetricsMiddleware:
+    """Counts every REST request (outermost, so refused bodies and errors count too)."""
+
+    def __init__(self, app: ASGIApp, metrics: ControllerMetrics) -> None:
+        self.inner = metrics.asgi_middleware(app)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.inner(scope, receive, send)
+
+
+def _metrics_response(metrics: ControllerMetrics) -> Response:
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 __all__ = ["BodySizeLimitMiddleware", "create_app"]

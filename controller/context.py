@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from fleet.controller.artifacts import ArtifactStore, LocalArtifactStore
 from fleet.controller.db import make_engine, make_session_factory, migrate
+from fleet.controller.metrics import ControllerMetrics
 from fleet.controller.settings import ControllerSettings
 from fleet.core import trust as trust_rules
 
@@ -46,6 +47,7 @@ class ControllerContext:
     on_desired_changed: Callable[[list[str]], None] = field(default=_no_changes)
     # Wired by the server: ask the reconciler for a pass as soon as possible.
     kick: Callable[[], None] = field(default=_no_kick)
+    metrics: ControllerMetrics | None = None
 
     def close(self) -> None:
         if self.engine is not None:
@@ -71,10 +73,12 @@ def build_context(settings: ControllerSettings) -> ControllerContext:
     repository = trust_rules.OnlineRepository(
         load_or_create_online_key(settings), FileMetadataStore(settings.tuf_dir)
     )
+    session_factory = make_session_factory(engine)
     return ControllerContext(
         settings=settings,
-        session_factory=make_session_factory(engine),
+        session_factory=session_factory,
         artifacts=LocalArtifactStore(settings.artifact_root),
         trust=repository,
         engine=engine,
+        metrics=ControllerMetrics(session_factory, settings.metrics_group_label),
     )

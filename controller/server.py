@@ -120,7 +120,9 @@ class Controller:
         self.started = threading.Event()
 
     async def _start_grpc(self) -> grpc.aio.Server:
+        interceptors = [self.ctx.metrics.grpc_interceptor()] if self.ctx.metrics is not None else []
         server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE),
                 ("grpc.max_send_message_length", GRPC_MAX_MESSAGE),

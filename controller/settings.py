@@ -46,6 +46,9 @@ class ControllerSettings(BaseSettings):
         default=1 * MIB, gt=0, description="Cap for non-upload (JSON) request bodies."
     )
     telemetry_retention_hours: float = Field(default=168.0, gt=0)
+    metrics_group_label: str = Field(
+        default="site", description="Device label whose values group devices in /metrics (fleet_devices{group})."
+    )
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> ControllerSettings:

@@ -8,9 +8,13 @@ calls are answered by whichever version each device serves.
 
 from __future__ import annotations
 
+import json
+
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from fleet.core import synthetic_models as sm
@@ -94,6 +98,17 @@ def test_promotion_then_automatic_rollback(world: FleetWorld) -> None:
     version, _ = triton_infer(world, devices[1], "detector",
                               {"input": np.zeros((1, 3, 32, 32), dtype=np.float32)}, ["probabilities"])
     assert version == "v2"
+
+    # And both sides expose what happened to Prometheus
+    endpoint = json.loads((world.workdir / "agents" / devices[1] / "endpoint.json").read_text())
+    agent_text = httpx.get(f"http://127.0.0.1:{endpoint['metrics_port']}/metrics").text
+    served = [s for f in text_string_to_metric_families(agent_text) for s in f.samples
+              if s.name == "fleet_agent_inference_requests_total" and s.labels["role"] == "serving"]
+    assert sum(s.value for s in served) > 0
+    controller_text = httpx.get(f"{world.cluster.url}/metrics").text
+    verdicts = {s.labels["verdict"]: s.value for f in text_string_to_metric_families(controller_text)
+                for s in f.samples if s.name == "fleet_gate_verdicts_total"}
+    assert verdicts.get("Fail", 0) >= 1 and verdicts.get("Pass", 0) >= 2
 
 
 def test_dynamic_dims_and_two_outputs_through_the_loop(world: FleetWorld) -> None:
