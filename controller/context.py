@@ -62,6 +62,17 @@ def load_or_create_online_key(settings: ControllerSettings) -> CryptoSigner:
     return trust_rules.load_signer(path)
 
 
+def make_artifact_store(settings: ControllerSettings) -> ArtifactStore:
+    if settings.artifact_store == "s3":
+        from fleet.controller.artifacts_s3 import S3ArtifactStore
+
+        return S3ArtifactStore(
+            settings.s3_bucket, prefix=settings.s3_prefix, endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region, presign_ttl_s=settings.s3_presign_ttl_s,
+        )
+    return LocalArtifactStore(settings.artifact_root)
+
+
 def build_context(settings: ControllerSettings) -> ControllerContext:
     """Create folders, migrate the database and load (or create) the online key."""
     from fleet.controller.tuf_store import FileMetadataStore
@@ -77,7 +88,7 @@ def build_context(settings: ControllerSettings) -> ControllerContext:
     return ControllerContext(
         settings=settings,
         session_factory=session_factory,
-        artifacts=LocalArtifactStore(settings.artifact_root),
+        artifacts=make_artifact_store(settings),
         trust=repository,
         engine=engine,
         metrics=ControllerMetrics(session_factory, settings.metrics_group_label),

@@ -299,10 +299,15 @@ def get_version(session: Session, name: str, version: str) -> ModelVersion:
 
 
 def bundle_ref(ctx: ControllerContext, mv: ModelVersion) -> dict[str, Any]:
-    """The BundleRef an agent gets in its desired state (see docs/ARCHITECTURE.md)."""
+    """The BundleRef an agent gets in its desired state (see docs/ARCHITECTURE.md).
+
+    The URL is always the controller's bundle route, never a store URL: the route serves local
+    bytes itself and redirects to a freshly presigned URL for object stores, so desired state
+    stored today still works when a device comes back next month.
+    """
     return {
         "version": mv.version,
-        "url": ctx.artifacts.download_url(mv.bundle_key, ctx.settings.public_url),
+        "url": f"{ctx.settings.public_url.rstrip('/')}/api/v1/models/{mv.name}/versions/{mv.version}/bundle",
         "sha256": mv.sha256,
         "length": mv.size,
         "target_path": mv.target_path,

@@ -10,6 +10,7 @@ HTTP address after validation. Every field reads `FLEET_<FIELD>` from the enviro
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -46,6 +47,15 @@ class ControllerSettings(BaseSettings):
         default=1 * MIB, gt=0, description="Cap for non-upload (JSON) request bodies."
     )
     telemetry_retention_hours: float = Field(default=168.0, gt=0)
+    artifact_store: Literal["local", "s3"] = Field(
+        default="local", description="Where bundle bytes live: a local directory or an S3-protocol bucket."
+    )
+    s3_bucket: str = Field(default="", description="Bucket for bundles when artifact_store is s3.")
+    s3_prefix: str = Field(default="", description="Key prefix inside the bucket.")
+    s3_endpoint_url: str | None = Field(default=None, description="S3-protocol endpoint (MinIO, Ceph); AWS if unset.")
+    s3_region: str | None = Field(default=None)
+    s3_presign_ttl_s: int = Field(default=900, ge=30, le=7 * 24 * 3600,
+                                  description="Lifetime of the presigned download URLs agents are redirected to.")
     metrics_group_label: str = Field(
         default="site", description="Device label whose values group devices in /metrics (fleet_devices{group})."
     )
