@@ -67,8 +67,13 @@ class DesiredStateHub:
             return list(self._events)
 
     def notify(self, device_ids: Iterable[str]) -> None:
+        """Wake these devices' streams; "*" wakes every stream (after a missed-change window)."""
         with self._lock:
-            targets = [e for d in device_ids for e in self._events.get(d, ())]
+            ids = list(device_ids)
+            if "*" in ids:
+                targets = [e for events in self._events.values() for e in events]
+            else:
+                targets = [e for d in ids for e in self._events.get(d, ())]
         if not targets or self._loop is None:
             return
         for event in targets:

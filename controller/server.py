@@ -14,7 +14,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from fleet.controller import devices as devices_svc
 from fleet.controller.app import create_app
 from fleet.controller.context import ControllerContext, build_context
+from fleet.controller.coordination import LocalCoordinator, PostgresCoordinator
 from fleet.controller.engine import Reconciler
 from fleet.controller.grpc_service import AgentService, DesiredStateHub
 from fleet.controller.settings import ControllerSettings
@@ -47,6 +48,8 @@ class ReconcileLoop:
     reconciler: Reconciler
     interval_s: float
     ctx: ControllerContext | None = None
+    # Whether this replica may reconcile now (leader election); always true for one process.
+    is_leader: Callable[[], bool] = lambda: True
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _loop: asyncio.AbstractEventLoop | None = None
     passes: int = 0
@@ -80,6 +83,10 @@ class ReconcileLoop:
         self._loop = asyncio.get_running_loop()
         while not stop.is_set():
             self._wake.clear()
+            if not self.is_leader():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=self.interval_s)
+                continue
             try:
                 await asyncio.to_thread(self.reconciler.reconcile_once)
                 self.passes += 1
@@ -113,11 +120,27 @@ class Controller:
         self.hub = DesiredStateHub()
         self.reconciler = Reconciler(self.ctx)
         self.loop = ReconcileLoop(self.reconciler, settings.reconcile_interval_s, self.ctx)
-        self.ctx.on_desired_changed = self.hub.notify
-        self.ctx.kick = self.loop.kick
+        self.coordinator: LocalCoordinator | PostgresCoordinator
+        if self.settings.db_url.startswith("postgresql"):
+            self.coordinator = PostgresCoordinator(settings.db_url, on_desired=self.hub.notify, on_kick=self.loop.kick)
+        else:
+            self.coordinator = LocalCoordinator()
+        self.loop.is_leader = lambda: self.coordinator.is_leader
+        self.ctx.on_desired_changed = self._desired_changed
+        self.ctx.kick = self._kick
         self.grpc_port: int | None = None
         self.stop_event: asyncio.Event | None = None
         self.started = threading.Event()
+
+    def _desired_changed(self, device_ids: list[str]) -> None:
+        self.hub.notify(device_ids)  # this replica's streams at once
+        self.coordinator.publish_desired(device_ids)  # every other replica's
+
+    def _kick(self) -> None:
+        if self.coordinator.is_leader:
+            self.loop.kick()
+        else:
+            self.coordinator.publish_kick()  # only the leader reconciles
 
     async def _start_grpc(self) -> grpc.aio.Server:
         interceptors = [self.ctx.metrics.grpc_interceptor()] if self.ctx.metrics is not None else []
@@ -146,6 +169,7 @@ class Controller:
     async def serve(self) -> None:
         self.stop_event = asyncio.Event()
         self.hub.bind(asyncio.get_running_loop())
+        await self.coordinator.start()
         grpc_server = await self._start_grpc()
         app = create_app(self.ctx)
         config = uvicorn.Config(
@@ -174,6 +198,7 @@ class Controller:
             loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loop_task
+            await self.coordinator.stop()
 
     def stop(self) -> None:
         if self.stop_event is not None:

@@ -1,0 +1,105 @@
+"""A desired-state change made on one replica reaches a Sync stream held by another, fast.
+
+Two controllers in one process share a PostgreSQL database; a device's stream is open on
+replica B; replica A changes the device's desired state the way its reconciler does (commit,
+then `on_desired_changed`). B wakes through LISTEN/NOTIFY and pushes the new generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+
+from fleet.controller.models import Device
+from fleet.controller.server import Controller
+from fleet.controller.settings import ControllerSettings
+from fleet.proto.fleet.v1 import fleet_pb2 as pb
+from fleet.proto.fleet.v1 import fleet_pb2_grpc as pb_grpc
+
+psycopg = pytest.importorskip("psycopg")
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def db_url() -> Iterator[str]:
+    try:
+        admin = psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL is not reachable at 127.0.0.1:5432: {exc}")
+    name = f"fleet_{uuid.uuid4().hex[:10]}"
+    admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
+def test_change_on_one_replica_reaches_stream_on_another(tmp_path: Path, db_url: str) -> None:
+    def settings(name: str) -> ControllerSettings:
+        return ControllerSettings(data_dir=tmp_path / name, db_url=db_url, http_port=_port(), grpc_port=_port(),
+                                  reconcile_interval_s=0.5)
+
+    a, b = Controller(settings("a")), Controller(settings("b"))
+
+    async def main() -> float:
+        tasks = [asyncio.create_task(a.serve()), asyncio.create_task(b.serve())]
+        for replica in (a, b):
+            assert await asyncio.to_thread(replica.started.wait, 30)
+        try:
+            url_a = f"http://127.0.0.1:{a.settings.http_port}"
+            async with httpx.AsyncClient() as http:
+                token = (await http.post(f"{url_a}/api/v1/enrollment-tokens", json={"max_uses": 1})).json()["token"]
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{b.grpc_port}") as channel:
+                stub = pb_grpc.AgentServiceStub(channel)
+                enrolled = await stub.Enroll(pb.EnrollRequest(token=token, requested_id="cam-1"))
+                creds = (("x-fleet-device-id", "cam-1"), ("authorization", f"Bearer {enrolled.device_secret}"))
+
+                async def hello() -> object:
+                    yield pb.AgentMessage(hello=pb.Hello(device_id="cam-1"))
+                    await asyncio.sleep(60)
+
+                call = stub.Sync(hello(), metadata=creds)
+                first = await asyncio.wait_for(call.read(), 10)
+                assert first.WhichOneof("kind") == "desired"
+                await asyncio.sleep(1.5)  # both replicas listening
+
+                def change_on_a() -> None:
+                    with a.ctx.session_factory() as session, session.begin():
+                        device = session.get(Device, "cam-1")
+                        assert device is not None
+                        device.desired = {**(device.desired or {}), "telemetry_interval_ms": 1234}
+                        device.desired_generation = first.desired.generation + 1
+                    a.ctx.on_desired_changed(["cam-1"])
+
+                started = time.monotonic()
+                await asyncio.to_thread(change_on_a)
+                while True:
+                    message = await asyncio.wait_for(call.read(), 10)
+                    if message.WhichOneof("kind") == "desired":
+                        break
+                elapsed = time.monotonic() - started
+                assert message.desired.generation == first.desired.generation + 1
+                assert message.desired.telemetry_interval_ms == 1234
+                call.cancel()
+                return elapsed
+        finally:
+            a.stop()
+            b.stop()
+            await asyncio.gather(*tasks)
+
+    elapsed = asyncio.run(main())
+    assert elapsed < 1.0, f"cross-replica delivery took {elapsed:.3f}s"
