@@ -20,7 +20,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from fleet.controller.artifacts import ArtifactStore, LocalArtifactStore
-from fleet.controller.db import make_engine, make_session_factory, migrate
+from fleet.controller.db import is_sqlite, make_engine, make_session_factory, migrate
 from fleet.controller.metrics import ControllerMetrics
 from fleet.controller.settings import ControllerSettings
 from fleet.core import trust as trust_rules
@@ -75,16 +75,20 @@ def make_artifact_store(settings: ControllerSettings) -> ArtifactStore:
 
 def build_context(settings: ControllerSettings) -> ControllerContext:
     """Create folders, migrate the database and load (or create) the online key."""
-    from fleet.controller.tuf_store import FileMetadataStore
+    from fleet.controller.tuf_store import FileMetadataStore, SqlMetadataStore
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     (settings.data_dir / "tmp").mkdir(exist_ok=True)
     migrate(settings.db_url)
     engine = make_engine(settings.db_url)
-    repository = trust_rules.OnlineRepository(
-        load_or_create_online_key(settings), FileMetadataStore(settings.tuf_dir)
-    )
     session_factory = make_session_factory(engine)
+    # With PostgreSQL (several replicas) metadata lives in the database, so every replica serves
+    # and extends one repository; SQLite means one process, whose data directory is enough (and
+    # a second SQLite writer inside an open request transaction would only wait on itself).
+    store: trust_rules.MetadataStore = (
+        FileMetadataStore(settings.tuf_dir) if is_sqlite(settings.db_url) else SqlMetadataStore(session_factory)
+    )
+    repository = trust_rules.OnlineRepository(load_or_create_online_key(settings), store)
     return ControllerContext(
         settings=settings,
         session_factory=session_factory,

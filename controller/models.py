@@ -24,6 +24,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -268,6 +269,16 @@ class UpdateEvent(Base):
     at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+class TufMetadata(Base):
+    """Signed update metadata files (root, targets, snapshot, timestamp) shared by all replicas."""
+
+    __tablename__ = "tuf_metadata"
+
+    filename: Mapped[str] = mapped_column(String(128), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 __all__ = [
     "FINISHED_PHASES",
     "ROLLOUT_PHASES",
@@ -282,6 +293,7 @@ __all__ = [
     "RolloutDevice",
     "TelemetryBatchSeen",
     "TelemetryWindow",
+    "TufMetadata",
     "UTCDateTime",
     "UpdateEvent",
     "utcnow",

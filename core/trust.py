@@ -28,7 +28,7 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
@@ -508,6 +508,15 @@ class OnlineRepository:
         self._ts_life = timedelta(hours=timestamp_expiry_hours)
         self._snap_life = timedelta(days=snapshot_expiry_days)
 
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Serialise read-check-write sequences: a thread lock, plus the store's own lock when it
+        is shared between processes (several controller replicas on one database)."""
+        with self._lock:
+            exclusive = getattr(self._store, "exclusive", None)
+            with exclusive() if exclusive is not None else contextlib.nullcontext():
+                yield
+
     def online_public_key(self) -> Key:
         return self._signer.public_key
 
@@ -568,7 +577,7 @@ class OnlineRepository:
                     "controller's online public key"
                 )
         _check_not_expired(new, f"root v{new.version}", when)
-        with self._lock:
+        with self._exclusive():
             current_bytes = self._store.get("root.json")
             if current_bytes is not None:
                 current = _parse(current_bytes, Root, "stored root.json").signed
@@ -593,7 +602,7 @@ class OnlineRepository:
     def accept_targets(self, targets_bytes: bytes, *, now: datetime | None = None) -> Targets:
         """Verify and publish a targets signed by the release key, then re-sign snapshot and timestamp."""
         when = _now(now)
-        with self._lock:
+        with self._exclusive():
             root_md = self._root_md()
             md = _parse(targets_bytes, Targets, "targets metadata")
             new = md.signed
@@ -627,7 +636,7 @@ class OnlineRepository:
         """
         ts_life = self._ts_life if timestamp_expiry_hours is None else timedelta(hours=timestamp_expiry_hours)
         snap_life = self._snap_life if snapshot_expiry_days is None else timedelta(days=snapshot_expiry_days)
-        with self._lock:
+        with self._exclusive():
             return self._refresh_locked(_now(now), ts_life, snap_life)
 
     def _refresh_locked(self, now: datetime, ts_life: timedelta, snap_life: timedelta) -> bool:

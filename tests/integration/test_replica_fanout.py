@@ -103,3 +103,40 @@ def test_change_on_one_replica_reaches_stream_on_another(tmp_path: Path, db_url:
 
     elapsed = asyncio.run(main())
     assert elapsed < 1.0, f"cross-replica delivery took {elapsed:.3f}s"
+
+
+def test_two_replicas_cannot_both_publish_the_next_targets(tmp_path: Path, db_url: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fleet.controller.context import build_context
+    from fleet.controller.tuf_store import SqlMetadataStore
+    from fleet.core.errors import ConflictError
+    from fleet.core.trust import add_target, generate_key_pair, load_public_key, load_signer, new_root
+
+    # Given two replicas' repositories over one database (same online key, as from one Secret)
+    a = build_context(ControllerSettings(data_dir=tmp_path / "shared", db_url=db_url))
+    b = build_context(ControllerSettings(data_dir=tmp_path / "shared", db_url=db_url))
+    assert isinstance(a.trust._store, SqlMetadataStore)
+    generate_key_pair(tmp_path / "release.key")
+    signer = load_signer(tmp_path / "release.key")
+    root = new_root(signer, load_public_key(tmp_path / "release.pub"), a.trust.online_public_key())
+    a.trust.install_root(root)
+    assert b.trust.get("root.json") == root  # one repository, seen from both
+
+    # When both accept a different "targets version 1" at the same time
+    def push(ctx: object, name: str) -> str:
+        targets = add_target(None, root, signer, target_path=f"{name}/v1/bundle.tar", length=1,
+                             sha256="0" * 64, custom={})
+        try:
+            ctx.trust.accept_targets(targets)  # type: ignore[attr-defined]
+        except ConflictError:
+            return "conflict"
+        return "accepted"
+
+    with ThreadPoolExecutor(2) as pool:
+        results = sorted(pool.map(push, (a, b), ("one", "two")))
+
+    # Then exactly one wins; the other is told to retry on top of it
+    assert results == ["accepted", "conflict"]
+    a.close()
+    b.close()

@@ -16,6 +16,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, inspect, select, text
 from sqlalchemy.exc import IntegrityError, StatementError
 
@@ -28,6 +29,8 @@ from fleet.controller.db import (
     session_scope,
 )
 from fleet.controller.models import Base, Decision, Device, Rollout
+
+HEAD = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
 
 PG_URL = os.environ.get("FLEET_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -57,13 +60,13 @@ def test_migration_matches_orm_on_sqlite(sqlite_url: str) -> None:
         assert "alembic_version" in tables
     finally:
         engine.dispose()
-    assert current_revision(sqlite_url) == "0001_initial"
+    assert current_revision(sqlite_url) == HEAD
 
 
 def test_migrate_is_idempotent_and_reversible(sqlite_url: str) -> None:
     migrate(sqlite_url)
     migrate(sqlite_url)  # a restart re-runs it: no error, no change
-    assert current_revision(sqlite_url) == "0001_initial"
+    assert current_revision(sqlite_url) == HEAD
     command.downgrade(alembic_config(sqlite_url), "base")
     engine = make_engine(sqlite_url)
     try:
@@ -222,7 +225,7 @@ def test_migration_matches_orm_on_postgresql() -> None:
                 assert loaded is not None and loaded.enrolled_at.utcoffset() == timedelta(0)
         finally:
             engine.dispose()
-        assert current_revision(url) == "0001_initial"
+        assert current_revision(url) == HEAD
     finally:
         with admin.begin() as conn:
             conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
