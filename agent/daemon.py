@@ -164,7 +164,8 @@ class Agent:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.hardware = detect_hardware(config.hardware_class)
         self.providers = choose_providers(self.hardware)
-        self.host = ModelHost()
+        # Learned drift profiles persist here, so a restart does not start learning again.
+        self.host = ModelHost(profile_dir=self.data_dir / "profiles")
         self.store = ModelStore(self.data_dir)
         self.spool = TelemetrySpool(self.data_dir / "spool", config.spool_max_batches)
         self.http = httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0), follow_redirects=True)

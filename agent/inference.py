@@ -14,6 +14,9 @@ The rules this module enforces:
   and `drain_windows()` hands them over and starts new ones, in the telemetry-window dict shape of
   docs/ARCHITECTURE.md. Latencies are the runtime's own time (not time queued behind other
   requests), for serving and shadow alike, so the two are comparable.
+- **Drift is measured off the request path.** Each served request's tensors are handed by
+  reference to a `fleet.agent.drift.DriftTracker` (bounded queue, dropped when full); the serving
+  window of each model carries the tracker's `drift` list and `profile_source`.
 - **Domain errors map to gRPC status codes in one place** (`grpc_status_for`).
 
 Readiness (`ServerReady`): the server is ready when every model it is expected to serve (see
@@ -38,11 +41,13 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 
+from fleet.agent.drift import DEFAULT_LEARN_SAMPLES, DEFAULT_QUEUE_SIZE, DriftTracker
 from fleet.agent.runtime import LoadedModel
 from fleet.core.agreement import AgreementAccumulator, compare
 from fleet.core.errors import (
@@ -137,7 +142,11 @@ class ModelHost:
         shadow_queue_size: int = DEFAULT_SHADOW_QUEUE,
         rng: random.Random | None = None,
         histogram_accuracy: float = DEFAULT_ACCURACY,
+        profile_dir: Path | None = None,
+        drift_learn_samples: int = DEFAULT_LEARN_SAMPLES,
+        drift_queue_size: int = DEFAULT_QUEUE_SIZE,
     ) -> None:
+        """`profile_dir` keeps learned drift profiles across restarts (None: relearn after each)."""
         self._assignments: dict[str, Assignment] = {}
         self._expected: frozenset[str] = frozenset()
         self._assign_lock = threading.Lock()  # writers only; readers take one dict lookup
@@ -150,6 +159,8 @@ class ModelHost:
         self._closed = False
         self._worker = threading.Thread(target=self._shadow_loop, name="fleet-shadow", daemon=True)
         self._worker.start()
+        self.drift = DriftTracker(profile_dir=profile_dir, learn_samples=drift_learn_samples,
+                                  queue_size=drift_queue_size)
 
     # -- assignments -------------------------------------------------------------------------
 
@@ -261,6 +272,7 @@ class ModelHost:
             current.sample_rate >= 1.0 or self._rng.random() < current.sample_rate
         )
         dropped = False
+        self.drift.observe(loaded, inputs, outputs)  # before any filtering: drift sees every output
         if mirror and current.shadow is not None and not self._closed:
             item = _Mirror(name, current.shadow, loaded.version, inputs, outputs, latency_ms)
             try:
@@ -314,7 +326,8 @@ class ModelHost:
                 win.requests += 1
                 win.errors += 1
             return
-        comparisons = compare(shadow.manifest.task, item.serving_outputs, outputs)
+        comparisons = compare(shadow.manifest.task, item.serving_outputs, outputs,
+                              layout=shadow.manifest.outputs_layout)
         with self._stats_lock:
             win = self._window(key)
             win.requests += 1
@@ -343,6 +356,7 @@ class ModelHost:
         for (model, version, role, compared_to), win in sorted(windows.items()):
             if not win.seen_traffic():
                 continue
+            drift, source = self.drift.drain(model, version) if role == ROLE_SERVING else ([], "")
             out.append({
                 "model": model,
                 "version": version,
@@ -355,6 +369,8 @@ class ModelHost:
                 "mirrored": win.mirrored,
                 "shadow_dropped": win.shadow_dropped,
                 "paired_serving_latency_ms": win.paired.to_dict(),
+                "drift": drift,
+                "profile_source": source,
             })
         return out
 
@@ -374,6 +390,7 @@ class ModelHost:
                 except queue.Empty:
                     pass
         self._worker.join(timeout=10)
+        self.drift.close()
         self._executor.shutdown(wait=True)
 
 

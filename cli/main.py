@@ -29,6 +29,7 @@ from fleet.cli.client import (
     table,
     when,
 )
+from fleet.cli.drift import drift_app
 from fleet.core.errors import FleetError
 
 app = typer.Typer(
@@ -238,6 +239,12 @@ def models_push(
     release: Annotated[int, typer.Option(help="Release counter (signed; agents can refuse older).")] = 0,
     class_names: Annotated[str | None, typer.Option(help="Comma-separated class names (classification).")] = None,
     description: Annotated[str, typer.Option(help="Free text shown in `fleet models show`.")] = "",
+    layout: Annotated[str | None, typer.Option(
+        help="How to read the outputs: key=value,... (e.g. boxes=boxes,scores=scores,classes=classes,"
+        "score_threshold=0.5) or a JSON file.")] = None,
+    reference: Annotated[Path | None, typer.Option(
+        help="Folder of reference inputs (.npy, the --traffic layout): records their input/output profile for "
+        "drift. Without it the devices learn one from their first requests.", exists=True, file_okay=False)] = None,
     keys_dir: KeysOpt = KEYS_DIR,
     controller: ControllerOpt = None,
     output: OutputOpt = "table",
@@ -256,6 +263,13 @@ def models_push(
         raise CliError(str(exc), code=2) from exc
     if not (keys_dir / "release.key").exists():
         raise CliError(f"no release key in {keys_dir}: run `fleet keys init` first")
+    from fleet.core.agreement import parse_layout_text
+
+    try:
+        outputs_layout = parse_layout_text(task, Path(layout).read_text() if layout and Path(layout).is_file()
+                                           else layout or "")
+    except (FleetError, OSError) as exc:
+        raise CliError(f"--layout: {exc}", code=2) from exc
     files = {"any": model_file}
     for item in variant or ():
         hw, sep, path = item.partition("=")
@@ -269,10 +283,14 @@ def models_push(
             manifest = build_bundle(
                 bundle_path, name=name, version=version, task=task, model_files=files, inputs=None, outputs=None,
                 release=release, class_names=tuple(c.strip() for c in (class_names or "").split(",") if c.strip()),
-                description=description,
+                description=description, outputs_layout=outputs_layout,
             )
         except FleetError as exc:
             raise CliError(f"cannot build the bundle: {exc}", code=2) from exc
+        if reference is not None:
+            from fleet.cli.drift import add_reference_profile
+
+            manifest = add_reference_profile(bundle_path, manifest, files, reference)
         root = _ensure_root(client, keys_dir)
         current = client.get_optional("/api/v1/trust/targets")
         signer = load_signer(keys_dir / "release.key")
@@ -478,6 +496,7 @@ rollout_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(rollout_app, name="rollout")
+app.add_typer(drift_app, name="drift")
 
 
 def _gate_from_options(policy: Path | None, overrides: dict[str, Any]) -> dict[str, Any] | None:
@@ -502,11 +521,13 @@ def rollout_start(
     name: Annotated[str | None, typer.Option(help="Rollout name (default NAME-VERSION).")] = None,
     sample_rate: Annotated[float | None, typer.Option(help="Share of requests mirrored to the shadow (0-1].")] = None,
     min_samples: Annotated[int | None, typer.Option(help="Mirrored requests needed per step before judging.")] = None,
-    max_latency_regression: Annotated[float | None, typer.Option(help="Allowed p95 regression, e.g. 0.2 = +20%.")] = None,
+    max_latency_regression: Annotated[float | None, typer.Option(help="Tolerated latency regression on paired requests, e.g. 0.05 = +5%.")] = None,
     min_agreement: Annotated[float | None, typer.Option(help="Minimum agreement with the serving model (0-1).")] = None,
     max_install_failures: Annotated[float | None, typer.Option(help="Maximum share of cohort install failures.")] = None,
     max_error_rate: Annotated[float | None, typer.Option(help="Maximum candidate inference error rate.")] = None,
     deadline: Annotated[str | None, typer.Option(help="Pause if still inconclusive after this long, e.g. 10m.")] = None,
+    confidence: Annotated[float | None, typer.Option(help="Confidence of the gate's statistical tests, e.g. 0.98.")] = None,
+    group_by: Annotated[str | None, typer.Option(help="Also judge per device label group (a label key; '-' for none).")] = None,
     policy: Annotated[Path | None, typer.Option(help="JSON gate policy file; flags override it.")] = None,
     controller: ControllerOpt = None,
     output: OutputOpt = "table",
@@ -525,6 +546,7 @@ def rollout_start(
         "min_samples": min_samples, "max_latency_regression": max_latency_regression, "min_agreement": min_agreement,
         "max_install_failure_share": max_install_failures, "max_error_rate": max_error_rate,
         "analysis_deadline_s": parse_duration(deadline) if deadline else None,
+        "confidence": confidence, "group_by": group_by,
     })
     body = {"model": model, "version": version, "steps": planned, "selector": parse_labels([selector] if selector else []),
             "gate": gate, "shadow_sample_rate": sample_rate, "name": name}
@@ -628,7 +650,59 @@ def rollout_explain(name: str, controller: ControllerOpt = None, output: OutputO
         metrics = d.get("metrics") or {}
         rows = metrics.get("metrics") if isinstance(metrics, dict) else metrics
         if rows:
-            gate_table(rows)
+            _explain_rows(rows, metrics if isinstance(metrics, dict) else {})
+
+
+def _explain_rows(rows: list[dict[str, Any]], metrics: dict[str, Any]) -> None:
+    """Per gate: every metric with value, threshold, test, p-value or interval, samples, verdict and pull."""
+
+    def fmt(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else ("" if value is None else str(value))
+
+    def stat(r: dict[str, Any]) -> str:
+        parts = [f"p={fmt(r['p_value'])}" + (f" (alpha {fmt(r['alpha'])})" if r.get("alpha") is not None else "")
+                 ] if r.get("p_value") is not None else []
+        if r.get("interval") and None not in r["interval"]:
+            parts.append(f"[{fmt(r['interval'][0])}, {fmt(r['interval'][1])}]")
+        return " ".join(parts)
+
+    def verdict(r: dict[str, Any]) -> str:
+        return str(r.get("verdict") or ("-" if r.get("ok") is None else ("Pass" if r.get("ok") else "Fail")))
+
+    # One block per metric rather than a wide table: the test names and device lists stay readable
+    # in an 80-column terminal and in CI logs.
+    for r in rows:
+        group = f" on group {r['group']}" if r.get("group") else ""
+        console.print(f"  {verdict(r):<12} {r.get('metric')}{group}: {fmt(r.get('value'))} "
+                      f"(threshold {r.get('comparison', '')} {fmt(r.get('threshold'))}), samples {r.get('samples')}",
+                      markup=False, highlight=False)
+        if r.get("test") and r.get("test") != "threshold":
+            console.print(f"{'':15}test: {r['test']}; {stat(r)}", markup=False, highlight=False)
+        worst = ", ".join(f"{w.get('device')} ({fmt(w.get('value'))})" for w in r.get("worst_devices") or [])
+        if worst:
+            console.print(f"{'':15}pulled most: {worst}", markup=False, highlight=False)
+    if metrics.get("tests"):
+        groups = ", ".join(metrics.get("groups") or []) or "none"
+        console.print(f"  {metrics['tests']} tests at {fmt(metrics.get('confidence'))} family-wise confidence "
+                      f"(Bonferroni, alpha {fmt(metrics.get('alpha_per_test'))} each); groups: {groups}")
+
+
+@rollout_app.command("report")
+def rollout_report(
+    name: str,
+    out: Annotated[Path, typer.Option("--out", help="Where to write the HTML report.")] = Path("report.html"),
+    group_by: Annotated[str | None, typer.Option(help="Device label key to show drift by.")] = None,
+    controller: ControllerOpt = None,
+) -> None:
+    """Write a self-contained HTML report: latency distributions, agreement over time, drift per group."""
+    params = {"group_by": group_by} if group_by else {}
+    body = Client(controller).get(f"/api/v1/rollouts/{name}/report", params=params)
+    data = body if isinstance(body, bytes) else str(body).encode()
+    try:
+        out.write_bytes(data)
+    except OSError as exc:
+        raise CliError(f"cannot write {out}: {exc}", code=2) from exc
+    console.print(f"report of rollout {name} written to {out} ({len(data)} bytes)")
 
 
 def _action(action: str, name: str, reason: str | None, controller: str | None, output: str) -> None:

@@ -19,9 +19,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fleet.controller.api import devices, health, models, rollouts, tokens, trust
+from fleet.controller.api import drift as drift_api
+from fleet.controller.api import reports as reports_api
 from fleet.controller.api.errors import error_body, install_error_handlers
 from fleet.controller.context import ControllerContext
 from fleet.controller.metrics import ControllerMetrics
+from fleet.controller.web import router as web_router
 
 UPLOAD_PATH_RE = re.compile(r"^/api/v1/models/[^/]+/versions/?$")
 # Multipart framing and the targets.json part ride along with the bundle.
@@ -133,6 +136,9 @@ def create_app(ctx: ControllerContext) -> FastAPI:
         rollouts.router,
         trust.router,
         trust.tuf_router,
+        drift_api.router,
+        reports_api.router,
+        web_router,  # the dashboard: `/` redirects to `/ui/`
     ):
         app.include_router(router)
     settings = ctx.settings

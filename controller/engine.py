@@ -10,8 +10,9 @@ Rules this module enforces:
   `cohort_size(steps[i], n)` members by stable rank join step i; a device that becomes a member
   later joins the current step only if its rank is below `steps[i]`, else a later step;
 - the gate (`fleet.core.gate.assess`) judges only the current step's shadow telemetry, received
-  after the step began; Pass moves the step's devices to serving, Fail sends every device that
-  got the candidate back to its baseline and ends the rollout, Inconclusive waits, and past the
+  after the step began, with the cohort's device labels so that it can judge per label group;
+  Pass moves the step's devices to serving, Fail sends every device that got the candidate back
+  to its baseline and ends the rollout, Inconclusive waits, and past the
   analysis deadline pauses the rollout for an operator instead of guessing;
 - a device counts as updated only when it reports the candidate loaded in its serving slot;
   offline devices do not hold a step back (they take the candidate from their desired state
@@ -338,12 +339,17 @@ def analyze(session: Session, rollout: Rollout, now: datetime) -> Assessment:
             "paired_serving_latency_ms": payload.get("paired_serving_latency_ms"),
             "agreement": payload.get("agreement") or [],
         })
+    # Labels feed the per-group analysis (a candidate slower only on one kind of device).
+    labels = {device_id: dict(device_labels or {}) for device_id, device_labels in session.execute(
+        select(Device.id, Device.labels).where(Device.id.in_(sorted(members)))
+    )} if len(members) <= _CHUNK else {d.id: dict(d.labels or {}) for d in devices_by_id(session, members).values()}
     evidence = Evidence.from_windows(
         windows,
         candidate=rollout.version,
         cohort=[row.device_id for row in cohort],
         failed=[row.device_id for row in cohort if row.state == FAILED],
         baseline_devices=sum(1 for row in cohort if row.baseline_version),
+        labels=labels,
     )
     task = session.scalar(select(ModelVersion.task).where(
         ModelVersion.name == rollout.model, ModelVersion.version == rollout.version)) or "generic"

@@ -183,6 +183,16 @@ class Controller:
         http = _EmbeddedHttpServer(config)
         http_task = asyncio.create_task(http.serve())
         loop_task = asyncio.create_task(self.loop.run(self.stop_event))
+        gitops_task: asyncio.Task[None] | None = None
+        if self.settings.gitops_enabled:
+            from fleet.controller.gitops import GitOpsLoop
+            from fleet.controller.k8s import KubernetesApi
+
+            # Only the leader reconciles ModelRollouts: two replicas would race on the same status.
+            gitops = GitOpsLoop(self.ctx, KubernetesApi, namespace=self.settings.gitops_namespace or None,
+                                resync_s=self.settings.gitops_resync_s,
+                                is_leader=lambda: self.coordinator.is_leader)
+            gitops_task = asyncio.create_task(gitops.run(self.stop_event))
         log.info(
             "controller serving REST on http://%s:%s and gRPC on %s:%s",
             self.settings.http_host, self.settings.http_port, self.settings.grpc_host, self.grpc_port,
@@ -198,6 +208,10 @@ class Controller:
             loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loop_task
+            if gitops_task is not None:
+                gitops_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await gitops_task
             await self.coordinator.stop()
 
     def stop(self) -> None:

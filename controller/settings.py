@@ -56,8 +56,22 @@ class ControllerSettings(BaseSettings):
     s3_region: str | None = Field(default=None)
     s3_presign_ttl_s: int = Field(default=900, ge=30, le=7 * 24 * 3600,
                                   description="Lifetime of the presigned download URLs agents are redirected to.")
+    drift_psi_threshold: float = Field(default=0.2, gt=0, description="PSI at which a device or group is drifting.")
+    drift_min_samples: int = Field(default=200, ge=1, description="Requests needed before drift is judged.")
+    drift_window_s: float = Field(default=600.0, gt=0, description="Recent span of telemetry drift is judged on.")
     metrics_group_label: str = Field(
         default="site", description="Device label whose values group devices in /metrics (fleet_devices{group})."
+    )
+
+    gitops_enabled: bool = Field(
+        default=False,
+        description="Watch ModelRollout custom resources in the cluster and run them as rollouts (leader only).",
+    )
+    gitops_namespace: str = Field(
+        default="", description="Namespace whose ModelRollouts are watched; empty: every namespace."
+    )
+    gitops_resync_s: float = Field(
+        default=10.0, gt=0, description="How often every ModelRollout's status is re-synced from its rollout."
     )
 
     @model_validator(mode="after")

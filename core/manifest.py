@@ -12,6 +12,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fleet.core.agreement import validate_layout
 from fleet.core.errors import BundleError
 
 SCHEMA = "fleet.bundle/v1"
@@ -146,7 +147,8 @@ class Manifest:
     description: str = ""
     # Reference profile of inputs and outputs for drift; empty until reference data is given.
     profile: dict[str, Any] = field(default_factory=dict)
-    # How to read task outputs (which tensor holds boxes, scores, classes); free-form per task.
+    # How to read task outputs (which tensor holds boxes, scores, classes); keys per task in
+    # fleet.core.agreement.LAYOUT_SPEC, checked against the outputs by from_dict.
     outputs_layout: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -194,6 +196,9 @@ class Manifest:
         layout = raw.get("outputs_layout", {})
         if not isinstance(profile, dict) or not isinstance(layout, dict):
             raise BundleError("'profile' and 'outputs_layout' must be objects")
+        # A layout naming an output the model lacks would silently switch off the task's
+        # agreement on every device; refuse it at push time instead.
+        validate_layout(task, layout, {o.name: o.shape for o in outputs})
         return cls(
             name=name,
             version=version,

@@ -11,7 +11,11 @@ exercise what a rollout must tell apart:
 - `classifier(..., slow_factor=k)` adds real compute (a chain of 256x256 matrix products on the
   feature map) whose result reaches the output, so a runtime cannot prune it and latency grows
   measurably with k while the answers stay the same;
-- `dynamic_two_output()` has a `[-1, 3, -1, -1]` input and two outputs of different shapes.
+- `dynamic_two_output()` has a `[-1, 3, -1, -1]` input and two outputs of different shapes;
+- `detector(seed)` answers `boxes [N, K, 4]` (xyxy pixels), `scores [N, K]`, `classes [N, K]`
+  computed from the image; two seeds match box for box, `divergent=True` picks other patches and
+  `shifted_boxes=p` moves every box by p pixels (raw tensors still alike, IoU matching not);
+- `segmenter(seed)` answers a `mask [N, 1, H, W]` of blobs; `divergent=True` inverts it.
 
 `signature()` reads a model's input/output contract from its graph, `manifest_for()` wraps it in a
 one-variant manifest, and `random_inputs()` makes request tensors that fit a signature (dynamic
@@ -328,3 +332,166 @@ def random_inputs(
     in the spec where two inputs must agree. `shape_options` go to `concrete_shape`."""
     rng = rng or np.random.default_rng(0)
     return {s.name: random_array(s.dtype, concrete_shape(s.shape, rng, **shape_options), rng) for s in specs}
+
+
+def detector(
+    version_seed: int,
+    divergent: bool = False,
+    max_boxes: int = 8,
+    *,
+    input_shape: Sequence[int] = (-1, 3, 64, 64),
+    cell: int = 16,
+    num_classes: int = 4,
+    shifted_boxes: float = 0.0,
+    class_dtype: str = "int64",
+    input_name: str = "image",
+) -> bytes:
+    """A small anchor-grid detector: one candidate box per `cell` x `cell` patch, the best kept.
+
+    A patchify convolution (kernel = stride = `cell`) gives each patch a score logit, four box
+    offsets and class logits, all computed from the pixels. The box is the patch's anchor moved
+    and resized by `tanh` of its offsets; the score is a sigmoid (about half the patches of a
+    standard-normal image score over 0.5); the class is the argmax. `TopK` keeps the
+    `max_boxes` best patches, so the outputs are `boxes [N, K, 4]` (xyxy, pixels), `scores
+    [N, K]` and `classes [N, K]` (`class_dtype` int64 or float32), sorted by score.
+
+    Two seeds share base weights and differ by tiny noise, so their detections match almost
+    one to one. `divergent=True` negates the score weights, so the candidate prefers exactly the
+    patches the serving model ranks low (few boxes in common); `shifted_boxes=p` moves every box
+    right by p pixels (p = cell/2 drops a box's IoU with its twin to 1/3, under the usual 0.5).
+    """
+    if len(input_shape) != 4:
+        raise ValueError("input_shape must be [N, C, H, W]")
+    n, c, h, w = (int(d) for d in input_shape)
+    if min(c, h, w) <= 0 or cell < 2 or h % cell or w % cell:
+        raise ValueError("C, H and W must be fixed, and H and W multiples of `cell`")
+    if n == 0 or n < -1:
+        raise ValueError("N must be positive or -1")
+    grid_h, grid_w = h // cell, w // cell
+    patches = grid_h * grid_w
+    if not 1 <= max_boxes <= patches:
+        raise ValueError(f"max_boxes must be between 1 and the number of patches ({patches})")
+    if num_classes < 2:
+        raise ValueError("num_classes must be at least 2")
+    if class_dtype not in ("int64", "float32"):
+        raise ValueError("class_dtype must be int64 or float32")
+
+    heads = 5 + num_classes  # score, 4 box offsets, class logits
+    base = np.random.default_rng([_BASE_SEED, 3])
+    conv_w = base.standard_normal((heads, c, cell, cell))
+    # Unit-norm filters: on standard-normal pixels every head output is standard normal, so the
+    # score logit below spreads over the sigmoid's range instead of saturating.
+    conv_w /= np.linalg.norm(conv_w.reshape(heads, -1), axis=1).reshape(heads, 1, 1, 1)
+    noise = np.random.default_rng([_BASE_SEED, 3, version_seed])
+    conv_w = conv_w + _VERSION_NOISE * noise.standard_normal(conv_w.shape) / np.sqrt(c * cell * cell)
+    if divergent:
+        conv_w[0] = -conv_w[0]
+
+    # Anchor boxes in xyxy (one per patch, row-major like the flattened grid) and the linear map
+    # from tanh(offsets) (dx, dy, dw, dh) to xyxy corrections: centre moves by up to cell/4,
+    # width and height change by up to 40 %.
+    ys, xs = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+    x0, y0 = xs.ravel() * cell + shifted_boxes, ys.ravel() * cell
+    anchors = np.stack([x0, y0, x0 + cell, y0 + cell], axis=1)
+    q, r = 0.25 * cell, 0.2 * cell
+    offsets = np.array([[q, 0, q, 0], [0, q, 0, q], [-r, 0, r, 0], [0, -r, 0, r]])
+
+    inits = [
+        _init("det_w", conv_w.astype(np.float32)),
+        _init("det_b", np.zeros(heads, dtype=np.float32)),
+        _init("det_shape", np.array([0, heads, patches], dtype=np.int64)),
+        _init("score_gain", np.array(3.0, dtype=np.float32)),
+        _init("anchors", anchors.astype(np.float32)),
+        _init("offsets", offsets.astype(np.float32)),
+        _init("s0", np.array([0], dtype=np.int64)),
+        _init("s1", np.array([1], dtype=np.int64)),
+        _init("s5", np.array([5], dtype=np.int64)),
+        _init("s_end", np.array([heads], dtype=np.int64)),
+        _init("axis1", np.array([1], dtype=np.int64)),
+        _init("k", np.array([max_boxes], dtype=np.int64)),
+        _init("expand4", np.array([1, 1, 4], dtype=np.int64)),
+        _init("s_two", np.array([2], dtype=np.int64)),
+    ]
+    nodes = [
+        helper.make_node("Conv", [input_name, "det_w", "det_b"], ["heads4d"], kernel_shape=[cell, cell],
+                         strides=[cell, cell]),
+        helper.make_node("Reshape", ["heads4d", "det_shape"], ["heads"]),  # [N, heads, P]
+        helper.make_node("Slice", ["heads", "s0", "s1", "axis1"], ["score_raw"]),  # [N, 1, P]
+        helper.make_node("Squeeze", ["score_raw", "axis1"], ["score_flat"]),
+        helper.make_node("Mul", ["score_flat", "score_gain"], ["score_logit"]),
+        helper.make_node("Sigmoid", ["score_logit"], ["all_scores"]),  # [N, P]
+        helper.make_node("Slice", ["heads", "s1", "s5", "axis1"], ["box_raw"]),  # [N, 4, P]
+        helper.make_node("Tanh", ["box_raw"], ["box_t"]),
+        helper.make_node("Transpose", ["box_t"], ["box_tp"], perm=[0, 2, 1]),  # [N, P, 4]
+        helper.make_node("MatMul", ["box_tp", "offsets"], ["box_delta"]),
+        helper.make_node("Add", ["box_delta", "anchors"], ["all_boxes"]),  # [N, P, 4]
+        helper.make_node("Slice", ["heads", "s5", "s_end", "axis1"], ["class_logits"]),  # [N, C, P]
+        helper.make_node("ArgMax", ["class_logits"], ["all_classes"], axis=1, keepdims=0),  # [N, P]
+        helper.make_node("TopK", ["all_scores", "k"], ["scores", "keep"], axis=1),
+        helper.make_node("Unsqueeze", ["keep", "s_two"], ["keep3"]),  # [N, K, 1]
+        helper.make_node("Expand", ["keep3", "expand4"], ["keep4"]),
+        helper.make_node("GatherElements", ["all_boxes", "keep4"], ["boxes"], axis=1),
+        helper.make_node("GatherElements", ["all_classes", "keep"],
+                         ["classes" if class_dtype == "int64" else "classes_i"], axis=1),
+    ]
+    class_type = TensorProto.INT64
+    if class_dtype == "float32":
+        nodes.append(helper.make_node("Cast", ["classes_i"], ["classes"], to=TensorProto.FLOAT))
+        class_type = TensorProto.FLOAT
+    batch: list[int | str] = ["N" if n == -1 else n]
+    graph = helper.make_graph(
+        nodes,
+        "detector",
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT,
+                                       _shape_dims((n, c, h, w), ("N", "C", "H", "W")))],
+        [
+            helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [*batch, max_boxes, 4]),
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, [*batch, max_boxes]),
+            helper.make_tensor_value_info("classes", class_type, [*batch, max_boxes]),
+        ],
+        initializer=inits,
+    )
+    doc = (f"synthetic detector seed={version_seed} divergent={divergent} shifted_boxes={shifted_boxes} "
+           f"max_boxes={max_boxes}")
+    return _finish(graph, doc)
+
+
+def segmenter(
+    version_seed: int,
+    divergent: bool = False,
+    *,
+    input_name: str = "image",
+    smooth: int = 5,
+) -> bytes:
+    """A dense-map model: input `[-1, 3, -1, -1]` float32, output `mask [N, 1, H, W]` in (0, 1).
+
+    The mask is a sigmoid of a 1x1 convolution of the image blurred by a `smooth` x `smooth`
+    average (same size), so a standard-normal image gives blobs rather than salt and pepper and
+    thresholded masks have a meaningful IoU. Two seeds differ by tiny noise (mask IoU near 1);
+    `divergent=True` negates the weights, turning the mask inside out (IoU near 0).
+    """
+    if smooth < 1 or smooth % 2 == 0:
+        raise ValueError("smooth must be a positive odd number")
+    base = np.random.default_rng([_BASE_SEED, 4])
+    mask_w = base.standard_normal((1, 3, 1, 1))
+    mask_w *= 4.0 / np.linalg.norm(mask_w)
+    noise = np.random.default_rng([_BASE_SEED, 4, version_seed])
+    mask_w = mask_w + _VERSION_NOISE * noise.standard_normal(mask_w.shape)
+    if divergent:
+        mask_w = -mask_w
+    pad = smooth // 2
+    inits = [_init("seg_w", mask_w.astype(np.float32)), _init("seg_b", np.zeros(1, dtype=np.float32))]
+    nodes = [
+        helper.make_node("AveragePool", [input_name], ["blur"], kernel_shape=[smooth, smooth],
+                         pads=[pad, pad, pad, pad], count_include_pad=0),
+        helper.make_node("Conv", ["blur", "seg_w", "seg_b"], ["seg_logit"]),
+        helper.make_node("Sigmoid", ["seg_logit"], ["mask"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "segmenter",
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["N", 1, "H", "W"])],
+        initializer=inits,
+    )
+    return _finish(graph, f"synthetic segmenter seed={version_seed} divergent={divergent}")

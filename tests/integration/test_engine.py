@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -184,8 +185,9 @@ class Fleet:
                 select(Decision).where(Decision.rollout_id == name).order_by(Decision.at, Decision.id))]
 
     def create(self, **kwargs: Any) -> dict[str, Any]:
+        # The scenarios mirror a few hundred requests: min_samples 200 instead of the default 1000.
         args: dict[str, Any] = {"model": "det", "version": "v2", "steps": None, "selector": None,
-                                "gate": None, "shadow_sample_rate": 0.5, "name": None, "canary": "10%"}
+                                "gate": {"min_samples": 200}, "shadow_sample_rate": 0.5, "name": None, "canary": "10%"}
         args.update(kwargs)
         with self.db() as s:
             return ops.create_rollout(self.ctx, s, now=self.now, **args)
@@ -270,7 +272,7 @@ def test_promotion_through_canary_and_full_step(running: Fleet) -> None:
     gate = [d for d in detail["decisions"] if d["kind"] == "gate"][-1]
     assert gate["verdict"] == "Pass" and gate["metrics"]["requests"] == 220
     assert {r["metric"] for r in gate["metrics"]["metrics"]} >= {
-        "samples", "latency_p95_ratio", "agreement[probs]", "install_failure_share", "error_rate"}
+        "samples", "latency", "agreement[probs]", "install_failure_share", "error_rate"}
 
     # Until the canary confirms v2 loaded in its serving slot, the step waits.
     f.tick(2)
@@ -371,7 +373,7 @@ def test_install_failure_rolls_back(running: Fleet) -> None:
 
 def test_failure_reported_as_update_event(running: Fleet) -> None:
     f = running
-    name = f.create(canary="20%", gate={"max_install_failure_share": 0.5})["name"]
+    name = f.create(canary="20%", gate={"min_samples": 200, "max_install_failure_share": 0.5})["name"]
     cohort = by_rank(name, DEVICES)[:2]
     f.tick(1)
     f.reconcile()
@@ -386,7 +388,7 @@ def test_failure_reported_as_update_event(running: Fleet) -> None:
 
 def test_pause_on_deadline_then_resume(running: Fleet) -> None:
     f = running
-    name = f.create(gate={"analysis_deadline_s": 300})["name"]
+    name = f.create(gate={"min_samples": 200, "analysis_deadline_s": 300})["name"]
     canary = by_rank(name, DEVICES)[0]
     f.tick(1)
     f.reconcile()
@@ -568,7 +570,7 @@ def test_late_joiner_of_a_serving_step_serves_directly(running: Fleet) -> None:
 
 def test_unconfirmed_serving_step_pauses_at_the_deadline(running: Fleet) -> None:
     f = running
-    name = f.create(gate={"analysis_deadline_s": 120})["name"]
+    name = f.create(gate={"min_samples": 200, "analysis_deadline_s": 120})["name"]
     canary = by_rank(name, DEVICES)[0]
     f.tick(1)
     f.reconcile()
@@ -602,8 +604,9 @@ def test_latency_regression_rolls_back(running: Fleet) -> None:
     f.reconcile()
     detail = f.detail(name)
     assert detail["phase"] == "RolledBack"
-    row = next(r for r in detail["analysis"]["metrics"] if r["metric"] == "latency_p95_ratio")
-    assert row["ok"] is False and row["value"] == pytest.approx(2.4, rel=0.05)
+    row = next(r for r in detail["analysis"]["metrics"] if r["metric"] == "latency")
+    assert row["ok"] is False and row["p95_ratio"] == pytest.approx(2.4, rel=0.05)
+    assert row["value"] == pytest.approx(1.4, rel=0.05)  # Hodges-Lehmann: +7 ms on 5 ms
     # _hist spreads values over 0.9x..1.08x: the p95 sits at the top of that spread.
     assert row["candidate_p95_ms"] == pytest.approx(12.0 * 1.08, rel=0.02)
     assert all(f.desired(d) == ("v1", None, 0.0) for d in cohort)
@@ -629,3 +632,67 @@ def test_one_broken_rollout_does_not_stop_the_others(fleet: Fleet, caplog: pytes
     assert f.detail("cls-v2")["phase"] == "Progressing"
     assert f.detail("det-v2")["phase"] == "Pending"
     assert "reconciling rollout det-v2 failed" in caplog.text
+
+
+def test_regression_on_one_label_group_rolls_back_and_the_decision_names_it(fleet: Fleet) -> None:
+    # Given ten devices in two hardware groups, serving v1
+    f = fleet
+    f.add_version("det", "v1")
+    f.add_version("det", "v2")
+    fast, slow = DEVICES[:5], DEVICES[5:]
+    f.add_devices(fast, {"hw": "jetson", "site": "a"})
+    f.add_devices(slow, {"hw": "slowbox", "site": "a"})
+    f.assign("det", "v1")
+    f.reconcile()
+    f.follow(DEVICES)
+    name = f.create(canary="100%", gate=None)["name"]  # default gate: 1000 samples, groups automatic
+    f.tick(1)
+    f.reconcile()
+    f.follow(DEVICES)
+
+    # When v2 is 12% slower on the slowbox devices only (the cohort as a whole: ~6%)
+    rng = np.random.default_rng(11)
+    with f.db() as s:
+        for device_id in DEVICES:
+            f.seq += 1
+            factor = 1.12 if device_id in slow else 1.0
+            cand, serv = LatencyHistogram(), LatencyHistogram()
+            serv.record_many(20.0 * rng.lognormal(0.0, 0.12, 200))
+            cand.record_many(20.0 * factor * rng.lognormal(0.0, 0.12, 200))
+            s.add(TelemetryWindow(
+                device_id=device_id, seq=f.seq, model="det", version="v2", role="shadow", compared_to="v1",
+                window_start=f.now - timedelta(seconds=5), window_end=f.now, requests=200, errors=0,
+                payload={"latency_ms": cand.to_dict(), "paired_serving_latency_ms": serv.to_dict(),
+                         "agreement": [{"output": "probs", "samples": 200, "cosine_sum": 199.0, "cosine_min": 0.9,
+                                        "mean_abs_diff_sum": 1.0, "max_abs_diff": 0.1, "top1_agree": 199,
+                                        "top1_samples": 200}]},
+                received_at=f.now))
+    f.tick(5)
+    f.reconcile()
+
+    # Then the rollout is rolled back and the decision names the group and its devices
+    detail = f.detail(name)
+    assert detail["phase"] == "RolledBack", detail["message"]
+    assert "group hw=slowbox" in detail["message"] and "hw=jetson" not in detail["message"]
+    gate = [d for d in detail["decisions"] if d["kind"] == "gate" and d["verdict"] == "Fail"][-1]
+    rows = {(r["metric"], r["group"]): r for r in gate["metrics"]["metrics"]}
+    assert rows[("latency", "hw=slowbox")]["ok"] is False and rows[("latency", "hw=jetson")]["ok"] is True
+    assert {w["device"] for w in rows[("latency", "hw=slowbox")]["worst_devices"]} <= set(slow)
+    assert gate["metrics"]["groups"] == ["hw=jetson", "hw=slowbox"] and gate["metrics"]["tests"] == 6
+
+    # And the report and its time series are served over REST, built from the same evidence
+    from fastapi.testclient import TestClient
+
+    from fleet.controller.app import create_app
+
+    with TestClient(create_app(f.ctx)) as client:
+        series = client.get(f"/api/v1/rollouts/{name}/timeseries")
+        assert series.status_code == 200, series.text
+        data = series.json()
+        assert data["latency"]["candidate"]["count"] == 2000 and data["latency"]["serving"]["count"] == 2000
+        assert data["agreement_over_time"][0]["agreement"]["probs"]["value"] == pytest.approx(0.995)
+        assert any(d["verdict"] == "Fail" for d in data["decisions"])
+        page = client.get(f"/api/v1/rollouts/{name}/report")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "<svg" in page.text and "group hw=slowbox" in page.text and "no drift data" in page.text
+        assert client.get("/api/v1/rollouts/nope/report").status_code == 404

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import pytest
 
 from fleet.core.errors import InvalidInputError
@@ -56,6 +57,8 @@ def window(
 
 
 COHORT = ["d1", "d2", "d3", "d4"]
+# The unit tests' cohorts mirror a few hundred requests; the default (1000) is checked separately.
+POLICY = GatePolicy(min_samples=200)
 
 
 def judge(windows: list[dict[str, Any]], *, failed: tuple[str, ...] = (), elapsed: float = 10.0,
@@ -63,7 +66,7 @@ def judge(windows: list[dict[str, Any]], *, failed: tuple[str, ...] = (), elapse
           baseline_devices: int | None = None) -> Any:
     evidence = Evidence.from_windows(windows, candidate="v2", cohort=COHORT, failed=failed,
                                      baseline_devices=baseline_devices)
-    return assess(policy or GatePolicy(), evidence, task, elapsed)
+    return assess(policy or POLICY, evidence, task, elapsed)
 
 
 def row(assessment: Any, metric: str) -> dict[str, Any]:
@@ -76,9 +79,10 @@ def test_pass_with_good_evidence() -> None:
     a = judge([window(d) for d in COHORT])
     assert a.verdict is Verdict.PASS, a.reason
     assert row(a, "samples")["value"] == 400 and row(a, "samples")["ok"] is True
-    lat = row(a, "latency_p95_ratio")
-    assert lat["ok"] is True and lat["value"] == pytest.approx(1.0, abs=0.03)
-    assert lat["candidate_p95_ms"] == pytest.approx(2.0, rel=0.05)
+    lat = row(a, "latency")
+    assert lat["ok"] is True and lat["verdict"] == "Pass" and lat["value"] == pytest.approx(0.0, abs=0.03)
+    assert lat["candidate_p95_ms"] == pytest.approx(2.0, rel=0.05) and lat["p95_ratio"] == pytest.approx(1.0, abs=0.03)
+    assert lat["test"].startswith("Mann-Whitney U") and 0 <= lat["p_value"] <= 1 and lat["group"] is None
     agree = row(a, "agreement[probs]")
     assert agree["value"] == 1.0 and agree["threshold"] == 0.95 and agree["samples"] == 400
     assert a.to_dict()["verdict"] == "Pass"
@@ -92,7 +96,7 @@ def test_inconclusive_until_enough_samples() -> None:
     # Quality is not judged on thin evidence, even when it looks bad.
     bad = judge([window("d1", requests=50, shadow_ms=50.0, top1=0.2)])
     assert bad.verdict is Verdict.INCONCLUSIVE
-    assert row(bad, "latency_p95_ratio")["ok"] is None
+    assert row(bad, "latency")["ok"] is None and row(bad, "latency")["verdict"] == "Inconclusive"
 
 
 def test_deadline_passed_is_reported() -> None:
@@ -104,9 +108,11 @@ def test_deadline_passed_is_reported() -> None:
 def test_latency_regression_fails() -> None:
     a = judge([window(d, shadow_ms=3.0, serving_ms=2.0) for d in COHORT])
     assert a.verdict is Verdict.FAIL
-    lat = row(a, "latency_p95_ratio")
-    assert lat["ok"] is False and lat["value"] == pytest.approx(1.5, abs=0.05) and lat["threshold"] == 1.2
-    assert "p95 latency" in a.reason
+    lat = row(a, "latency")
+    # Hodges-Lehmann shift of +1 ms on a 2 ms median: +50%, against a 5% tolerance.
+    assert lat["ok"] is False and lat["value"] == pytest.approx(0.5, abs=0.05) and lat["threshold"] == 0.05
+    assert lat["p_value"] < lat["alpha"] and lat["effect_ms"] == pytest.approx(1.0, abs=0.1)
+    assert "latency: candidate +5" in a.reason and "Hodges-Lehmann" in a.reason
 
 
 def test_latency_slack_absorbs_sub_millisecond_noise() -> None:
@@ -118,9 +124,9 @@ def test_latency_slack_absorbs_sub_millisecond_noise() -> None:
 def test_latency_worst_devices_are_named() -> None:
     windows = [window(d) for d in COHORT[:3]] + [window("d4", shadow_ms=9.0, serving_ms=2.0)]
     a = judge(windows)
-    worst = row(a, "latency_p95_ratio")["worst_devices"]
-    assert worst[0]["device"] == "d4" and worst[0]["value"] > 4
-    assert len(worst) == 3
+    worst = row(a, "latency")["worst_devices"]
+    assert worst[0]["device"] == "d4" and worst[0]["value"] > 4 and worst[0]["pull"] > 0
+    assert [w["device"] for w in worst] == ["d4"]  # devices with no regression pull nothing
 
 
 def test_agreement_drop_fails_classification() -> None:
@@ -152,7 +158,7 @@ def test_install_failures_fail_at_once() -> None:
     assert [d["device"] for d in r["worst_devices"]] == ["d1", "d2"]
     # One of four is within 20%? No: 25% > 20%.
     assert judge([window(d) for d in COHORT], failed=("d1",)).verdict is Verdict.FAIL
-    lenient = GatePolicy(max_install_failure_share=0.25)
+    lenient = GatePolicy(min_samples=200, max_install_failure_share=0.25)
     assert judge([window(d) for d in COHORT], failed=("d1",), policy=lenient).verdict is Verdict.PASS
 
 
@@ -216,3 +222,93 @@ def test_policy_from_dict_validates() -> None:
         GatePolicy.from_dict({"max_error_rate": "lots"})
     with pytest.raises(InvalidInputError, match="must be a number"):
         GatePolicy.from_dict({"max_error_rate": True})
+
+
+# -- statistical tests, groups, multiple comparisons ------------------------------------------------
+
+
+def lognormal_window(device: str, rng: np.random.Generator, *, n: int = 150, slow: float = 1.0,
+                     median_ms: float = 20.0, top1: float = 0.99) -> dict[str, Any]:
+    w = window(device, requests=n, top1=top1)
+    serving, candidate = LatencyHistogram(), LatencyHistogram()
+    serving.record_many(median_ms * rng.lognormal(0.0, 0.12, n))
+    candidate.record_many(median_ms * slow * rng.lognormal(0.0, 0.12, n))
+    w["latency_ms"], w["paired_serving_latency_ms"] = candidate.to_dict(), serving.to_dict()
+    return w
+
+
+GROUPED = [f"g{i}" for i in range(8)]
+LABELS = {d: {"hw": "fast" if i < 4 else "slowbox", "site": "x", "serial": d} for i, d in enumerate(GROUPED)}
+
+
+def judge_grouped(windows: list[dict[str, Any]], policy: GatePolicy | None = None) -> Any:
+    evidence = Evidence.from_windows(windows, candidate="v2", cohort=GROUPED, labels=LABELS)
+    return assess(policy or GatePolicy(), evidence, "classification", 10.0)
+
+
+def test_a_regression_on_one_label_group_fails_and_names_the_group() -> None:
+    rng = np.random.default_rng(3)
+    # 10% slower on the four slowbox devices only; a 5% tolerance.
+    windows = [lognormal_window(d, rng, slow=1.10 if LABELS[d]["hw"] == "slowbox" else 1.0) for d in GROUPED]
+    a = judge_grouped(windows)
+    assert a.verdict is Verdict.FAIL, a.reason
+    assert "group hw=slowbox" in a.reason and "hw=fast" not in a.reason
+    groups = {r["group"]: r for r in a.rows if r["metric"] == "latency"}
+    # `site` does not split the cohort and `serial` is one group per device: neither is a group.
+    assert set(groups) == {None, "hw=fast", "hw=slowbox"}
+    assert groups["hw=slowbox"]["ok"] is False and groups["hw=fast"]["ok"] is True
+    assert groups["hw=slowbox"]["value"] == pytest.approx(0.10, abs=0.03)
+    assert {w["device"] for w in groups["hw=slowbox"]["worst_devices"]} <= {"g4", "g5", "g6", "g7"}
+    # Bonferroni: 3 scopes x (latency + one agreement output) = 6 tests share the 2%.
+    assert a.summary["tests"] == 6 and a.summary["alpha_per_test"] == pytest.approx(0.02 / 6, rel=1e-4)
+    assert a.summary["groups"] == ["hw=fast", "hw=slowbox"]
+
+
+def test_the_same_candidate_passes_without_groups_or_with_another_key() -> None:
+    rng = np.random.default_rng(3)
+    windows = [lognormal_window(d, rng, slow=1.10 if LABELS[d]["hw"] == "slowbox" else 1.0) for d in GROUPED]
+    # The whole cohort is only ~5% slower: within the tolerance, which is the point of groups.
+    assert judge_grouped(windows, GatePolicy(group_by="-")).verdict is Verdict.PASS
+    explicit = judge_grouped(windows, GatePolicy(group_by="hw"))
+    assert explicit.verdict is Verdict.FAIL and "group hw=slowbox" in explicit.reason
+
+
+def test_a_candidate_within_the_tolerance_passes_with_a_known_p_value() -> None:
+    rng = np.random.default_rng(5)
+    a = judge_grouped([lognormal_window(d, rng, slow=1.02) for d in GROUPED])
+    assert a.verdict is Verdict.PASS, a.reason
+    lat = row(a, "latency")
+    assert lat["p_value"] > lat["alpha"] and lat["samples"] == 8 * 150
+
+
+def test_small_groups_are_not_judged() -> None:
+    rng = np.random.default_rng(5)
+    windows = [lognormal_window(d, rng, n=20 if LABELS[d]["hw"] == "slowbox" else 300,
+                                slow=2.0 if LABELS[d]["hw"] == "slowbox" else 1.0) for d in GROUPED]
+    a = judge_grouped(windows)
+    assert a.summary["groups_too_small"] == ["hw=slowbox"] and a.summary["groups"] == ["hw=fast"]
+
+
+def test_agreement_is_a_confidence_bound_not_a_point_estimate() -> None:
+    # 0.94 on 400 rows is not significantly under 0.95 ...
+    a = judge([window(d, top1=0.94) for d in COHORT])
+    agree = row(a, "agreement[probs]")
+    assert a.verdict is Verdict.PASS, a.reason
+    low, high = agree["interval"]
+    assert low < agree["value"] < agree["threshold"] < high and agree["p_value"] > agree["alpha"]
+    # ... 0.90 is.
+    bad = judge([window(d, top1=0.90) for d in COHORT])
+    assert bad.verdict is Verdict.FAIL and row(bad, "agreement[probs]")["interval"][1] < 0.95
+
+
+def test_default_policy_and_new_settings() -> None:
+    policy = GatePolicy()
+    assert (policy.min_samples, policy.confidence, policy.max_latency_regression, policy.group_by) == (
+        1000, 0.98, 0.05, "")
+    parsed = GatePolicy.from_dict({"confidence": "0.99", "group_by": "hw", "min_group_samples": 50.0})
+    assert parsed.confidence == 0.99 and parsed.group_by == "hw" and parsed.min_group_samples == 50
+    assert GatePolicy.from_dict(parsed.to_dict()) == parsed
+    with pytest.raises(InvalidInputError, match="confidence must be between"):
+        GatePolicy.from_dict({"confidence": 0.3})
+    with pytest.raises(InvalidInputError, match="group_by"):
+        GatePolicy(group_by=3)  # type: ignore[arg-type]
