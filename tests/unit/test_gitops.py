@@ -370,7 +370,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _crd() -> dict[str, Any]:
     yaml = pytest.importorskip("yaml")
-    return dict(yaml.safe_load((ROOT / "controller/crds/modelrollouts.yaml").read_text()))
+    return dict(yaml.safe_load((ROOT / "charts/edge-fleet/crds/modelrollouts.yaml").read_text()))
 
 
 def test_crd_is_valid_and_matches_what_the_controller_reads_and_writes(cluster: Cluster) -> None:
