@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from fleet.controller.artifacts import ArtifactStore, LocalArtifactStore
 from fleet.controller.db import is_sqlite, make_engine, make_session_factory, migrate
+from fleet.controller.drift import DriftPolicy
 from fleet.controller.metrics import ControllerMetrics
 from fleet.controller.settings import ControllerSettings
 from fleet.core import trust as trust_rules
@@ -95,5 +96,5 @@ def build_context(settings: ControllerSettings) -> ControllerContext:
         artifacts=make_artifact_store(settings),
         trust=repository,
         engine=engine,
-        metrics=ControllerMetrics(session_factory, settings.metrics_group_label),
+        metrics=ControllerMetrics(session_factory, settings.metrics_group_label, DriftPolicy.from_settings(settings)),
     )

@@ -31,6 +31,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fleet.controller.drift import DriftPolicy, drift_report
 from fleet.controller.models import Decision, Device, Rollout, TelemetryWindow
 from fleet.core.histogram import LatencyHistogram
 from fleet.core.rollout import Phase
@@ -44,9 +45,11 @@ DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 class FleetStateCollector(Collector):
     """Reads the fleet's state from the database at scrape time."""
 
-    def __init__(self, session_factory: sessionmaker[Session], group_label: str = "site") -> None:
+    def __init__(self, session_factory: sessionmaker[Session], group_label: str = "site",
+                 drift_policy: DriftPolicy | None = None) -> None:
         self.session_factory = session_factory
         self.group_label = group_label
+        self.drift_policy = drift_policy or DriftPolicy()
 
     def collect(self) -> Iterator[Metric]:
         with self.session_factory() as session:
@@ -54,6 +57,25 @@ class FleetStateCollector(Collector):
             yield from self._rollouts(session)
             yield from self._gates(session)
             yield from self._latency(session)
+            yield from self._drift(session)
+
+    def _drift(self, session: Session) -> Iterator[Metric]:
+        report = drift_report(session, self.drift_policy, group_by=self.group_label)
+        psi = GaugeMetricFamily("fleet_drift_psi", "Largest PSI over monitored features of the serving model, "
+                                "per model version and label group, over the recent drift window.",
+                                labels=["model", "version", "group"])
+        drifting = GaugeMetricFamily("fleet_drifting_devices", "Devices whose serving model is drifting.",
+                                     labels=["model", "version"])
+        for entry in report.get("groups", []):
+            psi.add_metric([entry["model"], entry["version"], str(entry["group"])], float(entry["max_psi"]))
+        for entry in report.get("versions", []):
+            psi.add_metric([entry["model"], entry["version"], ""], float(entry["max_psi"]))
+        counts: Counter[tuple[str, str]] = Counter(
+            (d["model"], d["version"]) for d in report.get("devices", []) if d.get("drifting"))
+        for (model, version), n in sorted(counts.items()):
+            drifting.add_metric([model, version], n)
+        yield psi
+        yield drifting
 
     def _devices(self, session: Session) -> Iterator[Metric]:
         by_state: Counter[tuple[str, str]] = Counter()
@@ -162,9 +184,10 @@ class FleetStateCollector(Collector):
 class ControllerMetrics:
     """The controller's registry and its request instruments."""
 
-    def __init__(self, session_factory: sessionmaker[Session], group_label: str = "site") -> None:
+    def __init__(self, session_factory: sessionmaker[Session], group_label: str = "site",
+                 drift_policy: DriftPolicy | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(FleetStateCollector(session_factory, group_label))
+        self.registry.register(FleetStateCollector(session_factory, group_label, drift_policy))
         self.http_requests = PromCounter("fleet_http_requests", "REST requests by method, route and status code.",
                                          ["method", "route", "code"], registry=self.registry)
         self.http_duration = Histogram("fleet_http_request_duration_seconds", "REST request duration.",

@@ -14,8 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from fleet.cli.demo import fleet_cmd
 from fleet.core import synthetic_models as sm
@@ -101,3 +103,12 @@ def test_input_shift_on_two_devices_raises_drift_for_exactly_them_and_their_grou
     # And the table form names them for a person
     table = world.fleet("drift", "ls", "--model", "cls", "--group-by", "site").stdout
     assert "DRIFTING" in table and "dock" in table
+
+    # And Prometheus sees the same: the dock group's PSI over the threshold, two drifting devices
+    families = text_string_to_metric_families(httpx.get(f"{world.cluster.url}/metrics").text)
+    samples = [s for f in families for s in f.samples]
+    psi = {s.labels["group"]: s.value for s in samples
+           if s.name == "fleet_drift_psi" and s.labels["model"] == "cls" and s.labels["group"]}
+    assert psi["dock"] >= report["psi_threshold"] > psi["lab"], psi
+    drifting = [s.value for s in samples if s.name == "fleet_drifting_devices" and s.labels["model"] == "cls"]
+    assert drifting == [2.0]
