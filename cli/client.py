@@ -97,8 +97,8 @@ def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any
     console.print(out)
 
 
-def gate_table(rows: Iterable[dict[str, Any]], title: str | None = None) -> None:
-    """A gate's metric rows: value against threshold, verdict, sample count and the detail."""
+def gate_table(rows: Iterable[dict[str, Any]], title: str | None = None, detail: bool = True) -> None:
+    """A gate's metric rows: value against threshold, verdict, sample count and (optionally) the detail."""
 
     def fmt(value: Any) -> str:
         return f"{value:.4g}" if isinstance(value, float) else ("" if value is None else str(value))
@@ -106,9 +106,11 @@ def gate_table(rows: Iterable[dict[str, Any]], title: str | None = None) -> None
     def ok(value: Any) -> str:
         return "-" if value is None else ("ok" if value else "FAIL")
 
-    table(title, ["metric", "value", "threshold", "ok", "samples", "detail"], [
-        [r.get("metric"), fmt(r.get("value")), f"{r.get('comparison', '')} {fmt(r.get('threshold'))}",
-         ok(r.get("ok")), r.get("samples"), r.get("detail")] for r in rows])
+    columns = ["metric", "value", "threshold", "ok", "samples", *(["detail"] if detail else [])]
+    table(title, columns, [
+        [r.get("metric") + (f" @{r['group']}" if r.get("group") else ""), fmt(r.get("value")),
+         f"{r.get('comparison', '')} {fmt(r.get('threshold'))}", ok(r.get("ok")), r.get("samples"),
+         *([r.get("detail")] if detail else [])] for r in rows])
 
 
 def when(value: Any) -> str:

@@ -152,7 +152,7 @@ def print_decisions(data: dict[str, Any]) -> None:
         metrics = decision.get("metrics") or {}
         rows = metrics.get("metrics", []) if isinstance(metrics, dict) else []
         if rows and decision.get("verdict") != "Inconclusive":
-            gate_table(rows)
+            gate_table(rows, detail=False)
 
 
 @contextlib.contextmanager
