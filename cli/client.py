@@ -108,7 +108,7 @@ def gate_table(rows: Iterable[dict[str, Any]], title: str | None = None, detail:
 
     columns = ["metric", "value", "threshold", "ok", "samples", *(["detail"] if detail else [])]
     table(title, columns, [
-        [r.get("metric") + (f" @{r['group']}" if r.get("group") else ""), fmt(r.get("value")),
+        [str(r.get("metric", "")) + (f" @{r['group']}" if r.get("group") else ""), fmt(r.get("value")),
          f"{r.get('comparison', '')} {fmt(r.get('threshold'))}", ok(r.get("ok")), r.get("samples"),
          *([r.get("detail")] if detail else [])] for r in rows])
 
