@@ -18,7 +18,7 @@ def test_quick_run_reports_every_scenario_and_the_timing() -> None:
     assert lines[-1].startswith("RESULT ")
     result = json.loads(lines[-1][len("RESULT "):])
     scenarios = {s["scenario"]: s for s in result["scenarios"]}
-    assert len(scenarios) == 4 and all(s["trials"] == 20 for s in scenarios.values())
+    assert len(scenarios) == 5 and all(s["trials"] == 20 for s in scenarios.values())
     assert all(s["samples"] >= result["policy"]["min_samples"] for s in scenarios.values())
     # Even 20 trials separate the cases: no A/A failure, the 10% regression and the agreement drop caught.
     assert scenarios["A/A (no difference)"]["fail_rate"] <= 0.05
