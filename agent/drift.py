@@ -23,12 +23,8 @@ The rules this module enforces:
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import queue
 import threading
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from fleet.agent.atomic import CorruptStateError, read_json, write_json_atomic
+from fleet.agent.background import BackgroundWorker
 from fleet.agent.runtime import LoadedModel
 from fleet.core.errors import FleetError
 from fleet.core.profile import FeatureSpec, ProfileMonitor, build_profile, extract, plan_features, validate_profile
@@ -51,7 +48,7 @@ SOURCE_REFERENCE = "reference"
 SOURCE_LEARNED = "learned"
 SOURCE_LEARNING = "learning"
 
-_STOP = object()
+_Observed = tuple[LoadedModel, Mapping[str, np.ndarray], Mapping[str, np.ndarray]]
 
 
 class ProfileLearner:
@@ -122,40 +119,20 @@ class DriftTracker:
         self.dropped = 0
         self._states: dict[str, _ModelDrift] = {}
         self._lock = threading.Lock()
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, queue_size))
-        self._closed = False
-        self._worker = threading.Thread(target=self._loop, name="fleet-drift", daemon=True)
-        self._worker.start()
+        self._worker: BackgroundWorker[_Observed] = BackgroundWorker(
+            lambda item: self._ingest(*item), name="fleet-drift", maxsize=queue_size, nice=DRIFT_NICE)
 
     # -- the request path ----------------------------------------------------------------------
 
     def observe(self, loaded: LoadedModel, inputs: Mapping[str, np.ndarray],
                 outputs: Mapping[str, np.ndarray]) -> bool:
         """Hand one served request over for monitoring; False when it was dropped (queue full)."""
-        if self._closed:
-            return False
-        try:
-            self._queue.put_nowait((loaded, inputs, outputs))
-        except queue.Full:
-            self.dropped += 1
-            return False
-        return True
+        if self._worker.offer((loaded, inputs, outputs)):
+            return True
+        self.dropped += 1
+        return False
 
     # -- the worker ---------------------------------------------------------------------------
-
-    def _loop(self) -> None:
-        with contextlib.suppress(AttributeError, OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DRIFT_NICE)
-        while True:
-            item = self._queue.get()
-            try:
-                if item is _STOP:
-                    return
-                self._ingest(*item)
-            except Exception:  # the worker must outlive any one odd request
-                log.exception("drift monitoring failed on a request")
-            finally:
-                self._queue.task_done()
 
     def _ingest(self, loaded: LoadedModel, inputs: Mapping[str, np.ndarray],
                 outputs: Mapping[str, np.ndarray]) -> None:
@@ -258,30 +235,10 @@ class DriftTracker:
 
     def wait_idle(self, timeout: float = 5.0) -> bool:
         """Block until every queued request has been ingested (tests, shutdown)."""
-        deadline = time.monotonic() + timeout
-        with self._queue.all_tasks_done:
-            while self._queue.unfinished_tasks:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._queue.all_tasks_done.wait(left)
-        return True
+        return self._worker.wait_idle(timeout)
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        while True:
-            try:
-                self._queue.put_nowait(_STOP)
-                break
-            except queue.Full:
-                try:
-                    self._queue.get_nowait()
-                    self._queue.task_done()
-                except queue.Empty:
-                    pass
-        self._worker.join(timeout=10)
+        self._worker.close()
 
 
 __all__ = ["DEFAULT_LEARN_SAMPLES", "DriftTracker", "ProfileLearner"]

@@ -28,12 +28,9 @@ expected it is ready: a device without an assignment has nothing to wait for, an
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import math
-import os
-import queue
 import random
 import threading
 import time
@@ -47,6 +44,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
+from fleet.agent.background import BackgroundWorker
 from fleet.agent.drift import DEFAULT_LEARN_SAMPLES, DEFAULT_QUEUE_SIZE, DriftTracker
 from fleet.agent.runtime import LoadedModel
 from fleet.core.agreement import AgreementAccumulator, compare
@@ -64,7 +62,7 @@ from fleet.proto.inference import grpc_service_pb2 as pb
 from fleet.proto.inference import grpc_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-# Niceness of the shadow worker thread relative to the serving threads.
+# The shadow is evidence, not service: its inference must lose every contest for a core to serving.
 SHADOW_NICE = 10
 
 ROLE_SERVING = "serving"
@@ -128,7 +126,6 @@ class _Mirror:
     serving_latency_ms: float
 
 
-_STOP = object()
 _WindowKey = tuple[str, str, str, str]  # model, version, role, compared_to
 
 
@@ -155,10 +152,9 @@ class ModelHost:
         self._accuracy = histogram_accuracy
         self._rng = rng or random.Random()
         self._executor = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="fleet-infer")
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, shadow_queue_size))
+        self._shadow_worker: BackgroundWorker[_Mirror] = BackgroundWorker(
+            self._shadow_one, name="fleet-shadow", maxsize=shadow_queue_size, nice=SHADOW_NICE)
         self._closed = False
-        self._worker = threading.Thread(target=self._shadow_loop, name="fleet-shadow", daemon=True)
-        self._worker.start()
         self.drift = DriftTracker(profile_dir=profile_dir, learn_samples=drift_learn_samples,
                                   queue_size=drift_queue_size)
 
@@ -275,10 +271,7 @@ class ModelHost:
         self.drift.observe(loaded, inputs, outputs)  # before any filtering: drift sees every output
         if mirror and current.shadow is not None and not self._closed:
             item = _Mirror(name, current.shadow, loaded.version, inputs, outputs, latency_ms)
-            try:
-                self._queue.put_nowait(item)
-            except queue.Full:
-                dropped = True
+            dropped = not self._shadow_worker.offer(item)
         with self._stats_lock:
             win = self._window(key)
             win.requests += 1
@@ -293,23 +286,6 @@ class ModelHost:
         return loaded.version, outputs
 
     # -- the shadow worker -------------------------------------------------------------------
-
-    def _shadow_loop(self) -> None:
-        # The shadow is evidence, not service: on a small device its inference must lose every
-        # contest for a core to the serving path, so the worker thread runs at a lower priority
-        # (Linux schedules threads individually; elsewhere this is a no-op).
-        with contextlib.suppress(AttributeError, OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SHADOW_NICE)
-        while True:
-            item = self._queue.get()
-            try:
-                if item is _STOP:
-                    return
-                self._shadow_one(item)
-            except Exception:  # the worker must outlive any one bad request
-                log.exception("shadow comparison failed")
-            finally:
-                self._queue.task_done()
 
     def _shadow_one(self, item: _Mirror) -> None:
         shadow = item.shadow
@@ -337,14 +313,7 @@ class ModelHost:
 
     def wait_shadow_idle(self, timeout: float = 5.0) -> bool:
         """Block until every mirrored request queued so far has been compared (tests, shutdown)."""
-        deadline = time.monotonic() + timeout
-        with self._queue.all_tasks_done:
-            while self._queue.unfinished_tasks:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._queue.all_tasks_done.wait(left)
-        return True
+        return self._shadow_worker.wait_idle(timeout)
 
     # -- telemetry ---------------------------------------------------------------------------
 
@@ -379,17 +348,7 @@ class ModelHost:
         if self._closed:
             return
         self._closed = True
-        while True:
-            try:
-                self._queue.put_nowait(_STOP)
-                break
-            except queue.Full:
-                try:  # make room: pending mirrors are not worth waiting for at shutdown
-                    self._queue.get_nowait()
-                    self._queue.task_done()
-                except queue.Empty:
-                    pass
-        self._worker.join(timeout=10)
+        self._shadow_worker.close()
         self.drift.close()
         self._executor.shutdown(wait=True)
 
