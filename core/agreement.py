@@ -132,7 +132,7 @@ def validate_layout(task: str, layout: Mapping[str, Any], outputs: Mapping[str, 
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
                 raise BundleError(f"{where} must be a whole number from 1 to 1000, got {value!r}")
         else:
-            ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+            ok = _finite_number(value)
             if ok and kind == "unit":
                 ok = 0.0 < value <= 1.0
             if not ok:
@@ -147,6 +147,16 @@ def validate_layout(task: str, layout: Mapping[str, Any], outputs: Mapping[str, 
                     f"outputs_layout.boxes names output {boxes!r} of shape {list(shape)}: boxes need a last "
                     "axis of 4"
                 )
+
+
+def _finite_number(value: Any) -> bool:
+    """A JSON number a float can hold: not a bool, NaN, an infinity, or an int beyond float range."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # json.loads gives arbitrarily large ints, e.g. 1e400 written as digits
+        return False
 
 
 def coerce_layout_value(task: str, key: str, text: str) -> Any:

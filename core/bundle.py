@@ -186,11 +186,15 @@ def _check_onnx(path: Path) -> _GraphSignature:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise BundleError(f"{path} is not a loadable ONNX model: {exc}") from exc
-    for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+    # Every tensor, not only the main graph's initializers: a Constant node's value or a subgraph's
+    # weights can live in external files too, and the bundle would ship without them (or the
+    # location could point outside the bundle on the device).
+    for tensor in _all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data):
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "?")
             raise BundleError(
-                f"{path} keeps weights in external data files, which a bundle cannot carry: "
-                "save the model with all tensors inside one .onnx file"
+                f"{path} keeps tensor {tensor.name!r} in external data ({location!r}), which a bundle "
+                "cannot carry: save the model with all tensors inside one .onnx file"
             )
     try:
         onnx.checker.check_model(model)
@@ -203,6 +207,40 @@ def _check_onnx(path: Path) -> _GraphSignature:
     if not inputs or not outputs:
         raise BundleError(f"{path} has no graph inputs or no graph outputs")
     return _GraphSignature(inputs, outputs)
+
+
+def _all_tensors(model: Any) -> Iterator[Any]:
+    """Every TensorProto of a model: initializers, node attributes, subgraphs and local functions."""
+    yield from _graph_tensors(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            yield from _node_tensors(node)
+
+
+def _graph_tensors(graph: Any) -> Iterator[Any]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node: Any) -> Iterator[Any]:
+    for attr in node.attribute:
+        if attr.HasField("t"):
+            yield attr.t
+        yield from attr.tensors
+        if attr.HasField("sparse_tensor"):
+            yield attr.sparse_tensor.values
+            yield attr.sparse_tensor.indices
+        for sparse in attr.sparse_tensors:
+            yield sparse.values
+            yield sparse.indices
+        if attr.HasField("g"):
+            yield from _graph_tensors(attr.g)
+        for subgraph in attr.graphs:
+            yield from _graph_tensors(subgraph)
 
 
 def _spec(value_info: Any, path: Path) -> TensorSpec:

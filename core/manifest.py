@@ -39,6 +39,7 @@ FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 MAX_TENSORS = 64
 MAX_RANK = 8
+MAX_DIM = 2**63 - 1
 
 
 def check_name(name: str) -> str:
@@ -78,14 +79,16 @@ class TensorSpec:
         name, dtype, shape = raw.get("name"), raw.get("dtype"), raw.get("shape")
         if not isinstance(name, str) or not name or len(name) > 256:
             raise BundleError(f"{where}: 'name' must be a non-empty string")
-        if dtype not in DTYPES:
+        # The isinstance check first: a list or an object is unhashable and would crash the lookup.
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise BundleError(f"{where} ({name}): dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         if not isinstance(shape, list) or len(shape) > MAX_RANK:
             raise BundleError(f"{where} ({name}): 'shape' must be a list of at most {MAX_RANK} dims")
         dims: list[int] = []
         for dim in shape:
-            if isinstance(dim, bool) or not isinstance(dim, int) or dim < -1 or dim == 0:
-                raise BundleError(f"{where} ({name}): dimension {dim!r} must be a positive int or -1")
+            # ONNX dims are int64: a larger one is no model's and would break the protobuf metadata.
+            if isinstance(dim, bool) or not isinstance(dim, int) or dim < -1 or dim == 0 or dim > MAX_DIM:
+                raise BundleError(f"{where} ({name}): dimension {dim!r} must be a positive int64 or -1")
             dims.append(dim)
         return cls(name=name, dtype=dtype, shape=tuple(dims))
 

@@ -100,10 +100,17 @@ class FeatureSpec:
         stat = str(raw.get("stat", ""))
         if stat not in _STATS:
             raise InvalidInputError(f"profile feature {raw.get('name')!r}: unknown stat {stat!r}")
+        try:
+            index, axis = int(raw.get("index", 0)), int(raw.get("axis", 1))
+            threshold = float(raw.get("threshold", DEFAULT_SCORE_THRESHOLD))
+        except (TypeError, ValueError, OverflowError) as exc:
+            # A profile arrives inside a manifest: a bad field is the author's mistake, not a crash.
+            raise InvalidInputError(
+                f"profile feature {raw.get('name')!r}: 'index' and 'axis' must be integers and 'threshold' a number"
+            ) from exc
         return cls(
             name=str(raw["name"]), kind=str(raw.get("kind", "")), type=str(raw.get("type", NUMERIC)),
-            tensor=str(raw.get("tensor", "")), stat=stat, index=int(raw.get("index", 0)),
-            axis=int(raw.get("axis", 1)), threshold=float(raw.get("threshold", DEFAULT_SCORE_THRESHOLD)),
+            tensor=str(raw.get("tensor", "")), stat=stat, index=index, axis=axis, threshold=threshold,
             scores=str(raw.get("scores", "")),
         )
 
@@ -343,6 +350,19 @@ def profile_from_requests(manifest: Manifest,
 # --------------------------------------------------------------------------------------------
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _finite_number(value: Any) -> bool:
+    """A JSON number a float can hold: not a bool, NaN, an infinity, or an int beyond float range."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # json.loads gives arbitrarily large ints
+        return False
+
+
 def validate_profile(raw: Any) -> dict[str, Any]:
     """`raw` if it is a well-formed profile; `InvalidInputError` saying what is wrong otherwise."""
     if not isinstance(raw, dict):
@@ -362,13 +382,12 @@ def validate_profile(raw: Any) -> dict[str, Any]:
         props = feature.get("proportions")
         if not isinstance(props, list) or not props or len(props) > MAX_BINS + 1:
             raise InvalidInputError(f"{where}: 'proportions' must list 1 to {MAX_BINS + 1} numbers")
-        if not all(isinstance(p, int | float) and math.isfinite(p) and p >= 0 for p in props) or not math.isclose(
-                sum(props), 1.0, abs_tol=1e-6):
+        if not all(_finite_number(p) and p >= 0 for p in props) or not math.isclose(sum(props), 1.0, abs_tol=1e-6):
             raise InvalidInputError(f"{where}: 'proportions' must be non-negative and sum to 1")
         if feature.get("type") == NUMERIC:
             edges = feature.get("edges")
             if (not isinstance(edges, list) or len(edges) + 1 != len(props)
-                    or not all(isinstance(e, int | float) and math.isfinite(e) for e in edges)
+                    or not all(_finite_number(e) for e in edges)
                     or any(b <= a for a, b in itertools.pairwise(edges))):
                 raise InvalidInputError(f"{where}: 'edges' must be increasing finite numbers, one fewer than bins")
         elif feature.get("type") == CATEGORICAL:
@@ -376,9 +395,12 @@ def validate_profile(raw: Any) -> dict[str, Any]:
             if not isinstance(cats, list) or len(cats) != len(props) or cats[-1:] != [OTHER]:
                 raise InvalidInputError(f"{where}: 'categories' must match the bins and end with {OTHER!r}")
             try:
-                [int(c) for c in cats[:-1]]
-            except (TypeError, ValueError) as exc:
+                ids = [int(c) for c in cats[:-1]]
+            except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: int(inf)
                 raise InvalidInputError(f"{where}: categories must be class ids") from exc
+            # Live counting keeps class ids in int64 arrays; a larger id would crash the monitor.
+            if any(not _INT64_MIN <= i <= _INT64_MAX for i in ids):
+                raise InvalidInputError(f"{where}: class ids must fit in a 64-bit integer")
         else:
             raise InvalidInputError(f"{where}: 'type' must be numeric or categorical")
     return raw
