@@ -57,19 +57,22 @@ class FleetWorld:
         self.fleet("models", "push", ref, str(path), "--task", task, "--keys-dir", str(self.keys))
 
     def add_agents(self, count: int, *, traffic: bool = True, labels: dict[str, str] | None = None,
-                   extra_env: dict[str, str] | None = None, first_index: int = 0) -> list[str]:
+                   extra_env: dict[str, str] | None = None, first_index: int = 0,
+                   traffic_rate: float = 30.0) -> list[str]:
         if not self.root.exists():
             self.fleet("keys", "export-root", "--out", str(self.root), "--keys-dir", str(self.keys))
         token = self.json("tokens", "create", "--uses", str(count), "--ttl", "1h")["token"]
         ids = []
         for i in range(first_index, first_index + count):
-            ids.append(self.start_agent(i, token, traffic=traffic, labels=labels, extra_env=extra_env))
+            ids.append(self.start_agent(i, token, traffic=traffic, labels=labels, extra_env=extra_env,
+                                        traffic_rate=traffic_rate))
         self.wait(f"{count} agents connected",
                   lambda: all(self.device(d).get("connected") for d in ids), 90)
         return ids
 
     def start_agent(self, index: int, token: str | None, *, traffic: bool = True,
-                    labels: dict[str, str] | None = None, extra_env: dict[str, str] | None = None) -> str:
+                    labels: dict[str, str] | None = None, extra_env: dict[str, str] | None = None,
+                    traffic_rate: float = 30.0) -> str:
         device_id = f"cam-{index:02d}"
         args = ["agent", "run", "--data-dir", str(self.workdir / "agents" / device_id),
                 "--controller-grpc", f"127.0.0.1:{self.cluster.grpc_port}", "--controller-url", self.cluster.url,
@@ -80,7 +83,7 @@ class FleetWorld:
         for key, value in (labels or {"site": "lab"}).items():
             args += ["--label", f"{key}={value}"]
         if traffic:
-            args += ["--traffic", "synthetic", "--traffic-rate", "30"]
+            args += ["--traffic", "synthetic", "--traffic-rate", f"{traffic_rate:g}"]
         env_backup = self.cluster.env
         if extra_env:
             self.cluster.env = {**env_backup, **extra_env}
