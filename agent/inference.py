@@ -111,6 +111,10 @@ class _Window:
     mirrored: int = 0
     shadow_dropped: int = 0
     paired: LatencyHistogram = field(default_factory=LatencyHistogram)
+    # Shadow windows: on-CPU time of the shadow run and of the paired serving run. Wall time of the
+    # shadow depends on scheduling (its thread yields to serving); CPU time compares the models.
+    cpu: LatencyHistogram = field(default_factory=LatencyHistogram)
+    paired_cpu: LatencyHistogram = field(default_factory=LatencyHistogram)
 
     def seen_traffic(self) -> bool:
         return bool(self.requests or self.errors or self.mirrored or self.shadow_dropped)
@@ -124,6 +128,7 @@ class _Mirror:
     inputs: Mapping[str, np.ndarray]
     serving_outputs: Mapping[str, np.ndarray]
     serving_latency_ms: float
+    serving_cpu_ms: float
 
 
 _WindowKey = tuple[str, str, str, str]  # model, version, role, compared_to
@@ -219,17 +224,20 @@ class ModelHost:
         win = self._windows.get(key)
         if win is None:
             win = self._windows[key] = _Window(
-                latency=LatencyHistogram(self._accuracy), paired=LatencyHistogram(self._accuracy)
+                latency=LatencyHistogram(self._accuracy), paired=LatencyHistogram(self._accuracy),
+                cpu=LatencyHistogram(self._accuracy), paired_cpu=LatencyHistogram(self._accuracy),
             )
         return win
 
     @staticmethod
     def _timed_run(
         loaded: LoadedModel, inputs: Mapping[str, np.ndarray]
-    ) -> tuple[dict[str, np.ndarray], float]:
-        start = time.perf_counter()
+    ) -> tuple[dict[str, np.ndarray], float, float]:
+        """Outputs, wall time and this thread's CPU time (ms). With one intra-op thread ONNX Runtime
+        computes in the calling thread, so the CPU time is the model's own cost."""
+        start, cpu_start = time.perf_counter(), time.thread_time()
         outputs = loaded.run(inputs)
-        return outputs, (time.perf_counter() - start) * 1000.0
+        return outputs, (time.perf_counter() - start) * 1000.0, (time.thread_time() - cpu_start) * 1000.0
 
     async def infer(
         self, name: str, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
@@ -252,7 +260,7 @@ class ModelHost:
         key: _WindowKey = (name, loaded.version, ROLE_SERVING, "")
         loop = asyncio.get_running_loop()
         try:
-            outputs, latency_ms = await loop.run_in_executor(self._executor, self._timed_run, loaded, inputs)
+            outputs, latency_ms, cpu_ms = await loop.run_in_executor(self._executor, self._timed_run, loaded, inputs)
         except InferenceInputError:
             raise
         except Exception as exc:
@@ -270,7 +278,7 @@ class ModelHost:
         dropped = False
         self.drift.observe(loaded, inputs, outputs)  # before any filtering: drift sees every output
         if mirror and current.shadow is not None and not self._closed:
-            item = _Mirror(name, current.shadow, loaded.version, inputs, outputs, latency_ms)
+            item = _Mirror(name, current.shadow, loaded.version, inputs, outputs, latency_ms, cpu_ms)
             dropped = not self._shadow_worker.offer(item)
         with self._stats_lock:
             win = self._window(key)
@@ -294,7 +302,7 @@ class ModelHost:
             return  # the shadow was replaced or cleared while this request waited
         key: _WindowKey = (item.model, shadow.version, ROLE_SHADOW, item.serving_version)
         try:
-            outputs, latency_ms = self._timed_run(shadow, item.inputs)
+            outputs, latency_ms, cpu_ms = self._timed_run(shadow, item.inputs)
         except Exception as exc:
             log.warning("shadow %s failed on a mirrored request: %s", shadow.manifest.ref, exc)
             with self._stats_lock:
@@ -309,6 +317,8 @@ class ModelHost:
             win.requests += 1
             win.latency.record(latency_ms)
             win.paired.record(item.serving_latency_ms)
+            win.cpu.record(cpu_ms)
+            win.paired_cpu.record(item.serving_cpu_ms)
             win.agreement.add(comparisons)
 
     def wait_shadow_idle(self, timeout: float = 5.0) -> bool:
@@ -338,6 +348,8 @@ class ModelHost:
                 "mirrored": win.mirrored,
                 "shadow_dropped": win.shadow_dropped,
                 "paired_serving_latency_ms": win.paired.to_dict(),
+                **({"cpu_ms": win.cpu.to_dict(), "paired_serving_cpu_ms": win.paired_cpu.to_dict()}
+                   if role == ROLE_SHADOW else {}),
                 "drift": drift,
                 "profile_source": source,
             })

@@ -437,6 +437,8 @@ def store_telemetry(session: Session, device_id: str, batches: Sequence[Mapping[
                         "mirrored": _count(window, "mirrored"),
                         "shadow_dropped": _count(window, "shadow_dropped"),
                         "paired_serving_latency_ms": window.get("paired_serving_latency_ms"),
+                        "cpu_ms": window.get("cpu_ms"),
+                        "paired_serving_cpu_ms": window.get("paired_serving_cpu_ms"),
                         "drift": list(window.get("drift") or []),
                         "profile_source": _str(window, "profile_source", 16),
                     },

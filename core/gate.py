@@ -228,8 +228,11 @@ class Evidence:
             requests, errors = int(window.get("requests", 0) or 0), int(window.get("errors", 0) or 0)
             device.requests += requests
             device.errors += errors
-            for key, target in (("latency_ms", device.shadow_latency),
-                                ("paired_serving_latency_ms", device.serving_latency)):
+            # Prefer the on-CPU times of the paired runs (the models' own cost); the shadow's wall time
+            # also measures its lower scheduling priority. Both sides of a window use the same kind.
+            keys = (("cpu_ms", "paired_serving_cpu_ms") if window.get("cpu_ms") and window.get("paired_serving_cpu_ms")
+                    else ("latency_ms", "paired_serving_latency_ms"))
+            for key, target in ((keys[0], device.shadow_latency), (keys[1], device.serving_latency)):
                 raw = window.get(key)
                 if raw:
                     try:

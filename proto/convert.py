@@ -169,6 +169,8 @@ def window_to_pb(window: Mapping[str, Any], into: pb.ModelWindow) -> None:
     into.shadow_dropped = int(window.get("shadow_dropped", 0))
     histogram_to_pb(window.get("latency_ms"), into.latency_ms)
     histogram_to_pb(window.get("paired_serving_latency_ms"), into.paired_serving_latency_ms)
+    histogram_to_pb(window.get("cpu_ms"), into.cpu_ms)
+    histogram_to_pb(window.get("paired_serving_cpu_ms"), into.paired_serving_cpu_ms)
     for agreement in window.get("agreement", []):
         item = into.agreement.add(**{k: agreement[k] for k in _AGREEMENT_FIELDS if k in agreement})
         for key, value in (agreement.get("sums") or {}).items():
@@ -199,6 +201,10 @@ def window_from_pb(msg: pb.ModelWindow) -> dict[str, Any]:
         "latency_ms": histogram_from_pb(msg.latency_ms) if msg.HasField("latency_ms") else None,
         "paired_serving_latency_ms": (
             histogram_from_pb(msg.paired_serving_latency_ms) if msg.HasField("paired_serving_latency_ms") else None
+        ),
+        "cpu_ms": histogram_from_pb(msg.cpu_ms) if msg.HasField("cpu_ms") else None,
+        "paired_serving_cpu_ms": (
+            histogram_from_pb(msg.paired_serving_cpu_ms) if msg.HasField("paired_serving_cpu_ms") else None
         ),
         "agreement": [
             {**{k: getattr(a, k) for k in _AGREEMENT_FIELDS}, "sums": dict(a.sums), "confusion": dict(a.confusion)}

@@ -289,7 +289,7 @@ class FeatureDrift(_message.Message):
     def __init__(self, feature: _Optional[str] = ..., kind: _Optional[str] = ..., type: _Optional[str] = ..., counts: _Optional[_Iterable[int]] = ..., reference: _Optional[_Iterable[float]] = ..., samples: _Optional[int] = ..., psi: _Optional[float] = ..., ks: _Optional[float] = ..., js: _Optional[float] = ...) -> None: ...
 
 class ModelWindow(_message.Message):
-    __slots__ = ("model", "version", "role", "compared_to", "requests", "errors", "latency_ms", "agreement", "mirrored", "shadow_dropped", "paired_serving_latency_ms", "drift", "profile_source")
+    __slots__ = ("model", "version", "role", "compared_to", "requests", "errors", "latency_ms", "agreement", "mirrored", "shadow_dropped", "paired_serving_latency_ms", "drift", "profile_source", "cpu_ms", "paired_serving_cpu_ms")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -303,6 +303,8 @@ class ModelWindow(_message.Message):
     PAIRED_SERVING_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
     DRIFT_FIELD_NUMBER: _ClassVar[int]
     PROFILE_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CPU_MS_FIELD_NUMBER: _ClassVar[int]
+    PAIRED_SERVING_CPU_MS_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     role: str
@@ -316,7 +318,9 @@ class ModelWindow(_message.Message):
     paired_serving_latency_ms: LatencyHistogram
     drift: _containers.RepeatedCompositeFieldContainer[FeatureDrift]
     profile_source: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., role: _Optional[str] = ..., compared_to: _Optional[str] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., latency_ms: _Optional[_Union[LatencyHistogram, _Mapping]] = ..., agreement: _Optional[_Iterable[_Union[OutputAgreement, _Mapping]]] = ..., mirrored: _Optional[int] = ..., shadow_dropped: _Optional[int] = ..., paired_serving_latency_ms: _Optional[_Union[LatencyHistogram, _Mapping]] = ..., drift: _Optional[_Iterable[_Union[FeatureDrift, _Mapping]]] = ..., profile_source: _Optional[str] = ...) -> None: ...
+    cpu_ms: LatencyHistogram
+    paired_serving_cpu_ms: LatencyHistogram
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., role: _Optional[str] = ..., compared_to: _Optional[str] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., latency_ms: _Optional[_Union[LatencyHistogram, _Mapping]] = ..., agreement: _Optional[_Iterable[_Union[OutputAgreement, _Mapping]]] = ..., mirrored: _Optional[int] = ..., shadow_dropped: _Optional[int] = ..., paired_serving_latency_ms: _Optional[_Union[LatencyHistogram, _Mapping]] = ..., drift: _Optional[_Iterable[_Union[FeatureDrift, _Mapping]]] = ..., profile_source: _Optional[str] = ..., cpu_ms: _Optional[_Union[LatencyHistogram, _Mapping]] = ..., paired_serving_cpu_ms: _Optional[_Union[LatencyHistogram, _Mapping]] = ...) -> None: ...
 
 class UpdateEvent(_message.Message):
     __slots__ = ("model", "version", "role", "state", "reason", "at_ms")
