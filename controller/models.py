@@ -130,6 +130,12 @@ class Device(Base):
     desired_generation: Mapped[int] = mapped_column(BigInteger, default=0)
     acked_generation: Mapped[int] = mapped_column(BigInteger, default=0)
     decommissioned: Mapped[bool] = mapped_column(Boolean, default=False)
+    decommissioned_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # The device's X.509 identity: the serial of its current certificate (and of the one it
+    # replaced, accepted until that one expires, so a renewal never cuts a live stream).
+    cert_serial: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    cert_not_after: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    prev_cert_serial: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class EnrollmentToken(Base):
@@ -145,6 +151,23 @@ class EnrollmentToken(Base):
     labels: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Pre-authorised to one device id: only a device enrolling under this id may use it.
+    device_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+
+
+class ApiToken(Base):
+    """An operator's bearer token for the REST API: stored hashed, with a role, revocable."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class Rollout(Base):

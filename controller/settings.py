@@ -37,6 +37,35 @@ class ControllerSettings(BaseSettings):
     http_port: int = Field(default=8080, ge=0, le=65535)
     grpc_host: str = "127.0.0.1"
     grpc_port: int = Field(default=50051, ge=0, le=65535)
+    grpc_enroll_port: int = Field(
+        default=50052, ge=0, le=65535,
+        description="gRPC port for enrolment only: server-authenticated TLS, no client certificate yet.",
+    )
+    tls_server_names: str = Field(
+        default="localhost,127.0.0.1",
+        description="Comma-separated DNS names and IPs the controller's server certificate is valid for.",
+    )
+    ca_cert_file: Path | None = Field(
+        default=None, description="PEM CA certificate for device identity; default <data_dir>/tls/ca.pem (made on first start)."
+    )
+    ca_key_file: Path | None = Field(
+        default=None, description="PEM private key of that CA; default <data_dir>/tls/ca.key (mode 0600)."
+    )
+    device_cert_ttl_hours: float = Field(
+        default=24.0, gt=0, le=24 * 366, description="Lifetime of device certificates; agents renew at two thirds."
+    )
+    http_tls: bool = Field(default=False, description="Serve REST over HTTPS.")
+    http_tls_cert: Path | None = Field(
+        default=None, description="PEM certificate chain for HTTPS; default: one issued by the controller's CA."
+    )
+    http_tls_key: Path | None = Field(default=None, description="PEM private key for http_tls_cert.")
+    admin_token: str = Field(
+        default="",
+        description="Bootstrap admin API token (e.g. from a Kubernetes Secret); stored hashed at start-up.",
+    )
+    metrics_public: bool = Field(
+        default=False, description="Serve /metrics without a token (otherwise a viewer token is needed)."
+    )
     public_url: str = Field(
         default="",
         description="Base URL agents use for bundle downloads and TUF metadata; default http://<http_host>:<http_port>.",
@@ -85,7 +114,8 @@ class ControllerSettings(BaseSettings):
         else:
             self.artifact_dir = self.artifact_dir.expanduser()
         if not self.public_url:
-            self.public_url = f"http://{self.http_host}:{self.http_port}"
+            scheme = "https" if self.http_tls else "http"
+            self.public_url = f"{scheme}://{self.http_host}:{self.http_port}"
         # Joined with paths like "/api/v1/..."; a trailing slash would double up.
         self.public_url = self.public_url.rstrip("/")
         return self
@@ -99,6 +129,10 @@ class ControllerSettings(BaseSettings):
     @property
     def keys_dir(self) -> Path:
         return self.data_dir / "keys"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.data_dir / "tls"
 
     @property
     def tuf_dir(self) -> Path:
