@@ -2,6 +2,9 @@
 
 The rules:
 
+- before ONNX Runtime sees a file, `fleet.core.bundle.inspect_model` parses it without loading
+  external data and refuses junk, truncated files, symbolic links and any tensor kept in an
+  external file: ONNX Runtime would read such a file from wherever its location points;
 - a model is usable only if ONNX Runtime opens it *and* its real inputs and outputs match the
   signed manifest (names, dtypes, ranks, fixed dims). The manifest is what clients, drift
   profiles and the controller rely on; a file that disagrees with it is a broken bundle, and
@@ -29,7 +32,8 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalidArgument
 
-from fleet.core.errors import FleetError, InferenceInputError, ModelLoadError
+from fleet.core.bundle import GraphSignature, GraphTensor, inspect_model, signature_problems
+from fleet.core.errors import BundleError, FleetError, InferenceInputError, ModelLoadError
 from fleet.core.manifest import Manifest, TensorSpec
 from fleet.core.synthetic_models import random_inputs
 
@@ -72,51 +76,21 @@ def _dims(shape: Any) -> list[int | None] | None:
     return [d if isinstance(d, int) and d > 0 else None for d in shape]
 
 
-def _check_tensor(spec: TensorSpec, arg: Any, kind: str, strict_dynamic: bool) -> list[str]:
-    problems: list[str] = []
-    dtype = _ORT_TYPES.get(arg.type)
-    if dtype != spec.dtype:
-        problems.append(f"{kind} {spec.name!r}: manifest says {spec.dtype}, model has {arg.type}")
+def _graph_tensor(arg: Any) -> GraphTensor:
     dims = _dims(arg.shape)
-    if dims is None:
-        return problems  # the model does not declare a shape; nothing more to compare
-    if len(dims) != len(spec.shape):
-        problems.append(
-            f"{kind} {spec.name!r}: manifest rank {len(spec.shape)} {list(spec.shape)}, "
-            f"model rank {len(dims)} {list(arg.shape)}"
-        )
-        return problems
-    for axis, (want, have) in enumerate(zip(spec.shape, dims, strict=True)):
-        if want == -1 and have is not None and strict_dynamic:
-            # The manifest promises clients any size here; the model would reject all but one.
-            problems.append(
-                f"{kind} {spec.name!r} dim {axis}: manifest says dynamic (-1), model fixes it to {have}"
-            )
-        elif want != -1 and have is not None and want != have:
-            problems.append(f"{kind} {spec.name!r} dim {axis}: manifest says {want}, model has {have}")
-    return problems
+    return GraphTensor(arg.name, _ORT_TYPES.get(arg.type, arg.type), None if dims is None else tuple(dims))
 
 
 def check_signature(session: ort.InferenceSession, manifest: Manifest) -> list[str]:
-    """Every way the session's inputs/outputs differ from the manifest (empty if they match)."""
-    problems: list[str] = []
-    for kind, specs, args, strict in (
-        ("input", manifest.inputs, session.get_inputs(), True),
-        # A looser output spec (-1 where the model is fixed) harms nobody.
-        ("output", manifest.outputs, session.get_outputs(), False),
-    ):
-        by_name = {a.name: a for a in args}
-        wanted = {s.name for s in specs}
-        missing = [s.name for s in specs if s.name not in by_name]
-        extra = [a.name for a in args if a.name not in wanted]
-        if missing:
-            problems.append(f"{kind}s in the manifest but not in the model: {', '.join(missing)}")
-        if extra:
-            problems.append(f"{kind}s in the model but not in the manifest: {', '.join(extra)}")
-        for spec in specs:
-            if spec.name in by_name:
-                problems.extend(_check_tensor(spec, by_name[spec.name], kind, strict))
-    return problems
+    """Every way the session's inputs/outputs differ from the manifest (empty if they match).
+
+    The rule is `fleet.core.bundle.signature_problems`, the one the controller applies at push.
+    """
+    graph = GraphSignature(
+        inputs=tuple(_graph_tensor(a) for a in session.get_inputs()),
+        outputs=tuple(_graph_tensor(a) for a in session.get_outputs()),
+    )
+    return signature_problems(manifest.inputs, manifest.outputs, graph)
 
 
 class LoadedModel:
@@ -230,6 +204,11 @@ def load_model(model_path: Path, manifest: Manifest, providers: list[str], threa
     path = Path(model_path)
     if not path.is_file():
         raise ModelLoadError(f"{manifest.ref}: model file {path} does not exist")
+    try:
+        # The checker is left to ONNX Runtime; this pass is about what it must never be handed.
+        inspect_model(path, f"{manifest.ref}: {path.name}", run_checker=False)
+    except BundleError as exc:
+        raise ModelLoadError(str(exc)) from exc
     available = set(ort.get_available_providers())
     wanted = [p for p in providers if p in available]
     dropped = [p for p in providers if p not in available]

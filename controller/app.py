@@ -6,6 +6,9 @@ Rules this module enforces:
   buffers it: bundle uploads at `max_bundle_bytes` (plus room for targets.json and multipart
   framing), everything else at `max_request_body_bytes`; an over-long body is answered with
   413 in the API's error shape, whether it announced its length or not;
+- a JSON body the handlers could not take safely is refused with 400 before routing: not UTF-8,
+  nested deeper than `MAX_JSON_DEPTH`, holding NaN/Infinity (not JSON, and unstorable in
+  PostgreSQL) or integers too long to convert; other malformed JSON gets FastAPI's 422;
 - every error leaves as `{"error", "message", "details"}` (see `fleet.controller.api.errors`).
 """
 
@@ -25,10 +28,13 @@ from fleet.controller.api.errors import error_body, install_error_handlers
 from fleet.controller.context import ControllerContext
 from fleet.controller.metrics import ControllerMetrics
 from fleet.controller.web import router as web_router
+from fleet.core.bundle import json_depth
 
 UPLOAD_PATH_RE = re.compile(r"^/api/v1/models/[^/]+/versions/?$")
 # Multipart framing and the targets.json part ride along with the bundle.
 UPLOAD_OVERHEAD_BYTES = models.MAX_TARGETS_BYTES + 1024 * 1024
+# No request of this API nests more than a few levels; hundreds of levels only attack the parser.
+MAX_JSON_DEPTH = 32
 
 
 class BodySizeLimitMiddleware:
@@ -119,6 +125,97 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class JsonBodyGuardMiddleware:
+    """Refuses JSON bodies that would crash or poison a handler, with 400 and a clear message.
+
+    Runs inside `BodySizeLimitMiddleware`, so the body it buffers is already capped.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_depth: int = MAX_JSON_DEPTH) -> None:
+        self.app = app
+        self.max_depth = max_depth
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _is_json(scope):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break  # the client went away; let the app see the disconnect
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        problem = self.problem(body)
+        if problem is not None:
+            await _send_json(send, 400, error_body("invalid_input", problem, {}))
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    def problem(self, body: bytes) -> str | None:
+        """Why this body is refused, or None to let the application parse it."""
+        if not body.strip():
+            return None
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return f"request body is not UTF-8 ({exc}); send JSON encoded as UTF-8"
+        try:
+            value = json.loads(text, parse_constant=_refuse_constant)
+        except _NotJson as exc:
+            return str(exc)
+        except RecursionError:
+            return f"request body nests JSON too deeply (the limit is {self.max_depth} levels)"
+        except json.JSONDecodeError:
+            return None  # plain syntax errors: FastAPI answers 422 with the position
+        except ValueError as exc:  # e.g. an integer literal with thousands of digits
+            return f"request body is not acceptable JSON: {exc}"
+        depth = json_depth(value)
+        if depth > self.max_depth:
+            return f"request body nests JSON {depth} levels deep, above the limit of {self.max_depth}"
+        return None
+
+
+class _NotJson(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> None:
+    raise _NotJson(f"request body holds {name}, which is not JSON: send a finite number or null")
+
+
+def _is_json(scope: Scope) -> bool:
+    """JSON, or no content type at all (FastAPI parses such a body as JSON too)."""
+    for name, value in scope.get("headers", []):
+        if name == b"content-type":
+            media = value.split(b";", 1)[0].strip().lower()
+            return media == b"application/json" or media.endswith(b"+json")
+    return True
+
+
+async def _send_json(send: Send, status: int, payload: dict[str, object]) -> None:
+    body = json.dumps(payload).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
 def create_app(ctx: ControllerContext) -> FastAPI:
     """The REST application over one controller context (no lifespan work: the server owns that)."""
     app = FastAPI(
@@ -142,6 +239,7 @@ def create_app(ctx: ControllerContext) -> FastAPI:
     ):
         app.include_router(router)
     settings = ctx.settings
+    app.add_middleware(JsonBodyGuardMiddleware)  # inside the size limit: it buffers what that let through
     app.add_middleware(
         BodySizeLimitMiddleware,
         default_limit=settings.max_request_body_bytes,
@@ -168,4 +266,4 @@ def _metrics_response(metrics: ControllerMetrics) -> Response:
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-__all__ = ["BodySizeLimitMiddleware", "create_app"]
+__all__ = ["BodySizeLimitMiddleware", "JsonBodyGuardMiddleware", "create_app"]

@@ -3,7 +3,8 @@
 Rules this module enforces:
 
 - A version enters the registry only if its bundle passes every check of `fleet.core.bundle`
-  (safe archive, manifest valid, every model file's hash) *and* the release-signed targets
+  (safe archive, manifest valid, every model file's hash, every model file a self-contained
+  ONNX model whose inputs and outputs agree with the manifest) *and* the release-signed targets
   metadata uploaded with it verifies against the installed root and lists this bundle under
   `NAME/VERSION/bundle.tar` with exactly its length and SHA-256. Anything else is refused and
   the stored bytes are removed, so the store never holds a bundle agents could not verify.
@@ -149,8 +150,9 @@ def add_version(
         raise SignatureError("the signed targets metadata (targets.json) is missing from the upload")
     with _spooled(bundle_file, settings.data_dir / "tmp", settings.max_bundle_bytes) as (path, size, sha256):
         # Full checks here (not only the manifest): a bundle whose files do not match its own
-        # manifest would fail on every device; refuse it once, at the door.
-        manifest = bundle_rules.verify_bundle(path, max_total_bytes=settings.max_bundle_bytes)
+        # manifest, are not ONNX, or keep weights in external files would fail on every device;
+        # refuse it once, at the door.
+        manifest = bundle_rules.verify_bundle(path, max_total_bytes=settings.max_bundle_bytes, check_models=True)
         name, version = manifest.name, manifest.version
         if expected_name is not None and expected_name != name:
             raise BundleError(
