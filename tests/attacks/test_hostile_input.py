@@ -254,7 +254,7 @@ def test_external_data_escape_is_refused_at_push(
     """
     data = _bundle(_xy_manifest(real[0]), _external_model(location))
     response = operator.push(client, data)
-    assert_refused_and_nothing_stored(response, ctx, client, f"keeps tensor 'W' in external data")
+    assert_refused_and_nothing_stored(response, ctx, client, "keeps tensor 'W' in external data")
     assert repr(location) in response.json()["message"]
 
 

@@ -14,7 +14,9 @@ Rules under test:
   initializer, a node attribute or a subgraph) is refused when the bundle is built, and the
   device refuses to load one that points outside its slot;
 - a manifest that lies about tensor shapes or types never loads silently wrong: the device either
-  loads a model whose signature matches or raises `ModelLoadError`.
+  loads a model whose signature matches or raises `ModelLoadError`;
+- damaged model bytes, hostile manifest text (deep nesting, NaN/Infinity, huge integers) and hostile
+  REST bodies are refused with the domain error or a reason, never an unexpected exception.
 
 Every `@settings` is derandomized, so CI runs the same cases every time.
 """
@@ -43,9 +45,10 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from fleet.agent.runtime import load_model
+from fleet.controller.app import MAX_JSON_DEPTH, JsonBodyGuardMiddleware
 from fleet.core import synthetic_models
 from fleet.core.agreement import LAYOUT_SPEC, validate_layout
-from fleet.core.bundle import build_bundle, extract_bundle, read_manifest, verify_bundle
+from fleet.core.bundle import build_bundle, extract_bundle, inspect_model, read_manifest, verify_bundle
 from fleet.core.errors import BundleError, InvalidInputError, ModelLoadError
 from fleet.core.manifest import DTYPES, MANIFEST_NAME, TASKS, Manifest, TensorSpec
 from fleet.core.profile import CATEGORICAL, MEAN, NUMERIC, OTHER, TOP1_CLASS, ProfileMonitor, validate_profile
@@ -448,7 +451,7 @@ def test_too_many_members_and_size_bomb_headers_are_refused() -> None:
         with pytest.raises(BundleError, match="more than 64 files"):
             read_manifest(bundle)
         bundle.write_bytes(_raw_tar(bomb, tarfile.PAX_FORMAT))
-        with pytest.raises(BundleError, match="cap"):
+        with pytest.raises(BundleError, match=r"cap|single-file ONNX"):
             extract_bundle(bundle, sandbox / "dest")
         assert not (sandbox / "dest").exists()
 
@@ -594,3 +597,72 @@ def test_lying_manifest_loads_only_when_it_matches(
         assert (spec.dtype, len(spec.shape)) == (real.dtype, len(real.shape))
         assert all(d in (-1, r) or r == -1 for d, r in zip(spec.shape, real.shape, strict=True))
     assert math.isfinite(len(loaded.inputs))
+
+
+# --------------------------------------------------------------------------------------------------
+# Model bytes, manifest text and REST bodies from a hostile sender
+
+
+@FUZZ
+@given(
+    flips=st.lists(st.tuples(st.integers(min_value=0), st.integers(0, 255)), max_size=4),
+    cut=st.none() | st.integers(min_value=0),
+)
+@example(flips=[], cut=None)
+def test_damaged_model_bytes_are_a_signature_or_a_bundle_error(flips: list[tuple[int, int]], cut: int | None) -> None:
+    """The push-time inspection of a model file never raises anything but `BundleError`."""
+    data = bytearray(_real()[2])
+    for position, value in flips:
+        data[position % len(data)] = value
+    if cut is not None:
+        del data[cut % (len(data) + 1):]
+    try:
+        graph = inspect_model(bytes(data), "model.onnx")
+    except BundleError as exc:
+        assert str(exc).startswith("model.onnx")
+        return
+    if not flips and cut is None:
+        assert [t.name for t in graph.inputs] == ["input"]
+
+
+nested_text = st.recursive(
+    st.sampled_from(["1", "NaN", "-Infinity", "Infinity", '"x"', "null", "1" * 5000, "1e999", '"\\ud800"']),
+    lambda inner: st.builds(lambda xs: "[" + ",".join(xs) + "]", st.lists(inner, max_size=3))
+    | st.builds(lambda xs: "{" + ",".join(f'"k{i}":{x}' for i, x in enumerate(xs)) + "}", st.lists(inner, max_size=3)),
+    max_leaves=30,
+)
+
+
+@FUZZ_IO
+@given(
+    value=nested_text,
+    depth=st.integers(0, 3000),
+    key=st.sampled_from(["profile", "release", "inputs", "outputs_layout", "description"]),
+)
+def test_hostile_manifest_text_is_a_manifest_or_a_bundle_error(value: str, depth: int, key: str) -> None:
+    """Deep nesting, non-JSON constants and huge numbers in manifest.json are `BundleError`s, never a
+    RecursionError or ValueError."""
+    raw = json.dumps(_real()[1])
+    body = (raw[:-1] + f', "{key}": ' + "[" * depth + value + "]" * depth + "}").encode()
+    with _sandbox() as sandbox:
+        bundle = sandbox / "bundle.tar"
+        info = tarfile.TarInfo(MANIFEST_NAME)
+        info.size = len(body)
+        bundle.write_bytes(_raw_tar([(info, body)], tarfile.PAX_FORMAT))
+        with pytest.raises(BundleError):
+            read_manifest(bundle)
+
+
+@FUZZ
+@given(body=st.binary(max_size=64) | nested_text.map(str.encode), depth=st.integers(0, 5000))
+def test_rest_json_guard_never_raises(body: bytes, depth: int) -> None:
+    """The REST body guard answers None (let FastAPI parse) or a reason; it never raises."""
+    wrapped = b"[" * depth + body + b"]" * depth
+    problem = JsonBodyGuardMiddleware(app=None).problem(wrapped)  # type: ignore[arg-type]
+    assert problem is None or (isinstance(problem, str) and problem)
+    if depth > MAX_JSON_DEPTH:
+        try:
+            json.loads(wrapped)
+        except (ValueError, RecursionError):
+            return
+        assert problem is not None
