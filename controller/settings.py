@@ -46,7 +46,8 @@ class ControllerSettings(BaseSettings):
         description="Comma-separated DNS names and IPs the controller's server certificate is valid for.",
     )
     ca_cert_file: Path | None = Field(
-        default=None, description="PEM CA certificate for device identity; default <data_dir>/tls/ca.pem (made on first start)."
+        default=None,
+        description="PEM CA certificate for device identity; default <data_dir>/tls/ca.pem (made on first start).",
     )
     ca_key_file: Path | None = Field(
         default=None, description="PEM private key of that CA; default <data_dir>/tls/ca.key (mode 0600)."

@@ -90,7 +90,8 @@ async def _fleet_error(_request: Request, exc: Exception) -> JSONResponse:
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    problems = exc.errors()
+    # Never echo the client's input back: it may be huge, hostile, or not even JSON-encodable (NaN).
+    problems = [{k: e.get(k) for k in ("loc", "msg", "type") if k in e} for e in exc.errors()[:20]]
     first = problems[0] if problems else {}
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
     message = f"invalid request: {where}: {first.get('msg', 'invalid value')}" if where else "invalid request"
