@@ -38,6 +38,7 @@ from .proxy import AttackProxy, Upstream
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MODEL = "cam"
 DEVICE = "cam-00"
+FIRST_TARGETS: list[bytes] = []
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,9 @@ def world(tmp_path_factory: pytest.TempPathFactory, proxy: AttackProxy) -> Itera
     w.start()
     try:
         w.push(f"{MODEL}:v1", sm.classifier(1), task="classification")
+        # Kept for the replay attack; the device first sees a later targets version than this one.
+        FIRST_TARGETS.append(published(w, "targets.json"))
+        w.fleet("models", "policy", MODEL, "--min-release", "0", "--keys-dir", str(w.keys))
         w.add_agents(1, traffic=False)
         w.fleet("rollout", f"{MODEL}:v1", "--canary", "100%")
         assert w.wait_rollout(f"{MODEL}-v1")["phase"] == "Completed"
@@ -269,9 +273,8 @@ def test_rollback_older_targets_replayed(world: FleetWorld, proxy: AttackProxy) 
 
     The device has seen a newer targets version and refuses the older one.
     """
-    old_targets = published(world, "targets.json")
     push(world, "v6")
-    serve_chain(proxy, forge_chain(world, old_targets, online_key(world)))
+    serve_chain(proxy, forge_chain(world, FIRST_TARGETS[0], online_key(world)))
     try:
         roll_out_and_expect_refusal(world, "v6", "rollback")
     finally:
