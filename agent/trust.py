@@ -10,6 +10,8 @@ Rules this module enforces:
   `unknown_target`, `too_large`, `unavailable`, `local_io`) and `transient`: True only when
   retrying later may help (network, HTTP 5xx/404, local disk), so the update state machine can
   tell "try again" from "this bundle must not be installed".
+- `min_release(model)` reads the model's signed policy target (`NAME/policy.json`): the lowest
+  release counter the release keys allow on devices (0 when none is signed).
 - Bundles themselves are not downloaded here: `target_info` returns the signed length, SHA-256
   and custom fields, and the agent's resumable downloader checks the bytes against them.
 """
@@ -29,6 +31,7 @@ from tuf.ngclient import Updater
 from tuf.ngclient.fetcher import FetcherInterface
 
 from fleet.core.errors import SignatureError
+from fleet.core.trust import min_release_from_custom, policy_path_for
 
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_READ_TIMEOUT_S = 30.0
@@ -176,6 +179,20 @@ class TrustedMetadataClient:
                 )
             custom = info.custom
             return info.length, sha256, dict(custom) if isinstance(custom, dict) else {}
+
+    def min_release(self, model: str) -> int:
+        """The lowest release of `model` the release-signed policy allows; 0 when none is signed.
+
+        Reads the view the last `target_info`/`refresh` verified (refreshing first if there is none).
+        """
+        with self._lock:
+            if self._updater is None:
+                self._refresh_locked()
+            info = self._lookup(policy_path_for(model))
+            custom = None if info is None else info.custom
+            if info is not None and not isinstance(custom, dict):
+                custom = {}
+            return min_release_from_custom(custom, model)
 
     def _lookup(self, target_path: str) -> Any:
         if self._updater is None:  # pragma: no cover - _refresh_locked sets it or raises

@@ -9,9 +9,11 @@ Rules this module keeps:
   loaded and warmed up, in `Committing` or `RollingBack`. Any failure before that leaves the old
   serving model answering, the update `Failed` with a reason, and an event reported.
 - **Nothing unsigned is staged.** Before a download, the BundleRef from the controller is checked
-  against the release-signed target (length, SHA-256, model and version): the signed values cap
-  and check the download, and a disagreement is a `SignatureError`. The bundle's own manifest must
-  then name this model and version.
+  against the release-signed target: length and SHA-256 agree, the signed model and version are
+  present and equal, this device's hardware class is in the signed hardware list (when it has
+  one), and the signed release counter is at least the model's signed minimum (its policy
+  target). The signed values cap and check the download; a refusal is a non-transient
+  `SignatureError` naming the check. The bundle's own manifest must then name this model and version.
 - **Slots are re-hashed before they are loaded** after a restart, for a rollback, or when a cached
   version is reused; a corrupt slot is dropped and never served.
 - **No retry loops.** A failed target is retried only when the desired state changes or after the
@@ -73,6 +75,7 @@ class Trust(Protocol):
 
     def refresh(self) -> None: ...
     def target_info(self, target_path: str) -> tuple[int, str, dict[str, Any]]: ...
+    def min_release(self, model: str) -> int: ...
 
 
 class _Aborted(FleetError):
@@ -517,7 +520,8 @@ class ModelUpdater:
         await asyncio.to_thread(self.trust.refresh)
         signed_length, signed_sha, custom = await asyncio.to_thread(self.trust.target_info,
                                                                     str(ref.get("target_path") or ""))
-        self._check_signed(ref, signed_length, signed_sha, custom or {})
+        min_release = await asyncio.to_thread(self.trust.min_release, self.model)
+        self._check_signed(ref, signed_length, signed_sha, custom or {}, min_release)
         if ref.get("length") != signed_length or ref.get("sha256") != signed_sha:
             signed = {**ref, "length": signed_length, "sha256": signed_sha}
             self._save(dataclasses.replace(rec, bundle=signed))
@@ -538,26 +542,47 @@ class ModelUpdater:
                                 sha256=signed_sha, progress=self._progress)
         self._bytes_done = signed_length
 
-    def _check_signed(self, ref: dict[str, Any], length: int, sha: str, custom: dict[str, Any]) -> None:
+    def _check_signed(self, ref: dict[str, Any], length: int, sha: str, custom: dict[str, Any],
+                      min_release: int = 0) -> None:
+        """The assignment checks: the controller's pointer against what the release keys signed.
+
+        Every refusal is a non-transient SignatureError naming the check (`details["check"]`).
+        """
         version = self._record.target_version
         where = f"{self.model}:{version} ({ref.get('target_path')})"
+
+        def refuse(check: str, message: str) -> SignatureError:
+            return SignatureError(f"{where}: {message}", reason="assignment", check=check, transient=False)
+
         stated_len, stated_sha = ref.get("length"), ref.get("sha256")
         # The controller's BundleRef is only a pointer: the signed metadata decides. Absent values
         # are filled from it; values that disagree mean someone is lying, so refuse.
         if stated_len not in (None, 0) and stated_len != length:
-            raise SignatureError(
-                f"{where}: the controller says {stated_len} bytes but the release metadata signs {length}; "
-                "refusing the bundle"
-            )
+            raise refuse("length", f"the controller says {stated_len} bytes but the release metadata signs "
+                                   f"{length}; refusing the bundle")
         if stated_sha and str(stated_sha).lower() != sha.lower():
-            raise SignatureError(
-                f"{where}: the controller's SHA-256 {stated_sha} differs from the signed {sha}; "
-                "refusing the bundle"
-            )
+            raise refuse("sha256", f"the controller's SHA-256 {stated_sha} differs from the signed {sha}; "
+                                   "refusing the bundle")
         for key, want in (("model", self.model), ("version", version)):
             got = custom.get(key)
-            if got is not None and got != want:
-                raise SignatureError(f"{where}: the signed target is for {key} {got!r}, not {want!r}")
+            if got is None:
+                raise refuse(key, f"the signed target carries no {key}; refusing a bundle whose identity is "
+                                  "not signed")
+            if got != want:
+                raise refuse(key, f"the signed target is for {key} {got!r}, not {want!r}")
+        hardware = custom.get("hardware") or []
+        mine = self._hardware_class()
+        if not isinstance(hardware, list):
+            raise refuse("hardware", f"the signed hardware list is not a list ({hardware!r})")
+        if hardware and mine not in hardware and "any" not in hardware:
+            raise refuse("hardware", f"the signed target is for hardware {', '.join(map(str, hardware))}, "
+                                     f"not this device's {mine!r}")
+        release = custom.get("release", 0)
+        if isinstance(release, bool) or not isinstance(release, int) or release < 0:
+            raise refuse("release", f"the signed release counter {release!r} is not a non-negative integer")
+        if release < min_release:
+            raise refuse("release", f"release {release} is below the signed minimum release {min_release} for "
+                                    f"{self.model} (rollback to an older release refused)")
 
     def _progress(self, done: int, total: int) -> None:
         self._bytes_done, self._bytes_total = done, total

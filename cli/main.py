@@ -7,7 +7,6 @@ is one clear line on stderr and exit code 2; a controller refusal is one line an
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
 import time
@@ -30,6 +29,7 @@ from fleet.cli.client import (
     when,
 )
 from fleet.cli.drift import drift_app
+from fleet.cli.keys import KEYS_DIR, KeysOpt, ensure_root, keys_app, publish_policy, targets_signers
 from fleet.core.errors import FleetError
 
 app = typer.Typer(
@@ -45,8 +45,9 @@ ControllerOpt = Annotated[
     typer.Option("--controller", "-c", envvar="FLEET_URL", help="Controller REST URL.", show_default="http://127.0.0.1:8080"),
 ]
 OutputOpt = Annotated[str, typer.Option("--output", "-o", help="Output format: table or json.")]
-KEYS_DIR = Path(os.environ.get("FLEET_KEYS_DIR", Path.home() / ".config" / "fleet" / "keys"))
-KeysOpt = Annotated[Path, typer.Option("--keys-dir", envvar="FLEET_KEYS_DIR", help="Where the release key lives.")]
+KeyNamesOpt = Annotated[list[str] | None, typer.Option(
+    "--key", help="Local key NAME to sign targets with (repeatable; default: every local key the root trusts for "
+                  "targets, i.e. `release` in the default setup).")]
 
 
 def _json(output: str) -> bool:
@@ -157,69 +158,7 @@ def agent_run(
 # keys
 # ---------------------------------------------------------------------------------------------
 
-keys_app = typer.Typer(help="Release keys: made and kept on the operator's machine.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
-
-
-@keys_app.command("init")
-def keys_init(keys_dir: KeysOpt = KEYS_DIR, force: Annotated[bool, typer.Option(help="Replace an existing key.")] = False) -> None:
-    """Create the release key (Ed25519; private file mode 0600)."""
-    from fleet.core.trust import generate_key_pair
-
-    keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = keys_dir / "release.key"
-    if path.exists() and not force:
-        raise CliError(f"{path} already exists; pass --force to replace it (bundles signed with it stay valid "
-                       "only for agents provisioned with the old root)")
-    if path.exists():
-        path.unlink()
-        (keys_dir / "release.pub").unlink(missing_ok=True)
-    keyid = generate_key_pair(path)
-    console.print(f"release key [bold]{keyid[:16]}[/] written to {path} (private, 0600) and {keys_dir / 'release.pub'}")
-
-
-@keys_app.command("show")
-def keys_show(keys_dir: KeysOpt = KEYS_DIR, output: OutputOpt = "table") -> None:
-    """Show the release key's id and files."""
-    from fleet.core.trust import load_public_key
-
-    pub = keys_dir / "release.pub"
-    if not pub.exists():
-        raise CliError(f"no release key in {keys_dir}: run `fleet keys init`")
-    key = load_public_key(pub)
-    data = {"keyid": key.keyid, "private": str(keys_dir / "release.key"), "public": str(pub)}
-    if _json(output):
-        emit_json(data)
-    else:
-        table(None, ["keyid", "private key", "public key"], [[data["keyid"], data["private"], data["public"]]])
-
-
-def _ensure_root(client: Client, keys_dir: Path) -> bytes:
-    """The controller's root metadata; made and uploaded from the release key on first use."""
-    from fleet.core.trust import load_public_key, load_signer, new_root
-
-    existing = client.get_optional("/tuf/root.json")
-    if existing is not None:
-        (keys_dir / "root.json").write_bytes(existing)
-        return bytes(existing)
-    online = client.get("/api/v1/trust/online-key")
-    signer = load_signer(keys_dir / "release.key")
-    root = new_root(signer, load_public_key(keys_dir / "release.pub"), load_public_key(online["public_key_pem"]))
-    client.post("/api/v1/trust/root", content=root, headers={"content-type": "application/json"})
-    (keys_dir / "root.json").write_bytes(root)
-    return root
-
-
-@keys_app.command("export-root")
-def keys_export_root(
-    out: Annotated[Path, typer.Option("--out", help="Where to write root.json for provisioning agents.")] = Path("root.json"),
-    keys_dir: KeysOpt = KEYS_DIR,
-    controller: ControllerOpt = None,
-) -> None:
-    """Write the root metadata agents are provisioned with (creates it on the controller if needed)."""
-    root = _ensure_root(Client(controller), keys_dir)
-    out.write_bytes(root)
-    console.print(f"root metadata written to {out}: provision agents with --trust-root {out}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,23 +184,24 @@ def models_push(
     reference: Annotated[Path | None, typer.Option(
         help="Folder of reference inputs (.npy, the --traffic layout): records their input/output profile for "
         "drift. Without it the devices learn one from their first requests.", exists=True, file_okay=False)] = None,
+    key: KeyNamesOpt = None,
     keys_dir: KeysOpt = KEYS_DIR,
     controller: ControllerOpt = None,
     output: OutputOpt = "table",
 ) -> None:
-    """Build a bundle, sign it with the release key on this machine, and upload it."""
+    """Build a bundle, sign it with the targets key(s) on this machine, and upload it."""
     import tempfile
 
     from fleet.core.bundle import build_bundle, sha256_file
     from fleet.core.errors import FleetError
     from fleet.core.manifest import parse_ref
-    from fleet.core.trust import add_target, load_signer, target_custom, target_path_for
+    from fleet.core.trust import add_target, target_custom, target_path_for
 
     try:
         name, version = parse_ref(ref)
     except FleetError as exc:
         raise CliError(str(exc), code=2) from exc
-    if not (keys_dir / "release.key").exists():
+    if not key and not (keys_dir / "release.key").exists() and not (keys_dir / "root.json").exists():
         raise CliError(f"no release key in {keys_dir}: run `fleet keys init` first")
     from fleet.core.agreement import parse_layout_text
 
@@ -291,11 +231,11 @@ def models_push(
             from fleet.cli.drift import add_reference_profile
 
             manifest = add_reference_profile(bundle_path, manifest, files, reference)
-        root = _ensure_root(client, keys_dir)
+        root = ensure_root(client, keys_dir)
         current = client.get_optional("/api/v1/trust/targets")
-        signer = load_signer(keys_dir / "release.key")
+        signers = targets_signers(keys_dir, root, key)
         targets = add_target(
-            current, root, signer, target_path=target_path_for(name, version), length=bundle_path.stat().st_size,
+            current, root, signers, target_path=target_path_for(name, version), length=bundle_path.stat().st_size,
             sha256=sha256_file(bundle_path),
             custom=target_custom(manifest),
         )
@@ -310,7 +250,7 @@ def models_push(
         emit_json(result)
     else:
         console.print(f"pushed [bold]{name}:{version}[/] ({result.get('size', 0):,} bytes, sha256 "
-                      f"{str(result.get('sha256', ''))[:12]}...), signed by the release key")
+                      f"{str(result.get('sha256', ''))[:12]}...), signed by {len(signers)} targets key(s)")
 
 
 @models_app.command("ls")
@@ -365,6 +305,32 @@ def models_rm(ref: Annotated[str, typer.Argument(help="NAME:VERSION")], controll
         raise CliError("expected NAME:VERSION", code=2)
     Client(controller).request("DELETE", f"/api/v1/models/{name}/versions/{version}")
     console.print(f"deleted {name}:{version}")
+
+
+@models_app.command("policy")
+def models_policy(
+    name: Annotated[str, typer.Argument(help="Model NAME.")],
+    min_release: Annotated[int, typer.Option(help="Lowest release counter devices may install (signed).")],
+    key: KeyNamesOpt = None,
+    keys_dir: KeysOpt = KEYS_DIR,
+    controller: ControllerOpt = None,
+    output: OutputOpt = "table",
+) -> None:
+    """Sign NAME's minimum release into targets: devices refuse older releases, the controller older rollouts."""
+    from fleet.core.manifest import check_name
+
+    as_json = _json(output)
+    try:
+        check_name(name)
+    except FleetError as exc:
+        raise CliError(str(exc), code=2) from exc
+    if min_release < 0:
+        raise CliError("--min-release must be a non-negative integer", code=2)
+    version = publish_policy(Client(controller), keys_dir, name, min_release, key)
+    if as_json:
+        emit_json({"model": name, "min_release": min_release, "targets_version": version})
+    else:
+        console.print(f"{name}: minimum release {min_release} signed (targets v{version})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,6 +495,11 @@ def rollout_start(
     confidence: Annotated[float | None, typer.Option(help="Confidence of the gate's statistical tests, e.g. 0.98.")] = None,
     group_by: Annotated[str | None, typer.Option(help="Also judge per device label group (a label key; '-' for none).")] = None,
     policy: Annotated[Path | None, typer.Option(help="JSON gate policy file; flags override it.")] = None,
+    min_release: Annotated[int | None, typer.Option(
+        help="First sign this model's minimum release (devices refuse older releases); needs the targets key(s).")
+    ] = None,
+    key: KeyNamesOpt = None,
+    keys_dir: KeysOpt = KEYS_DIR,
     controller: ControllerOpt = None,
     output: OutputOpt = "table",
 ) -> None:
@@ -548,6 +519,10 @@ def rollout_start(
         "analysis_deadline_s": parse_duration(deadline) if deadline else None,
         "confidence": confidence, "group_by": group_by,
     })
+    if min_release is not None:
+        if min_release < 0:
+            raise CliError("--min-release must be a non-negative integer", code=2)
+        publish_policy(Client(controller), keys_dir, model, min_release, key)
     body = {"model": model, "version": version, "steps": planned, "selector": parse_labels([selector] if selector else []),
             "gate": gate, "shadow_sample_rate": sample_rate, "name": name}
     data = Client(controller).post("/api/v1/rollouts", json=body)

@@ -104,6 +104,28 @@ def _free_name(session: Session, base: str) -> str:
 # -- create ---------------------------------------------------------------------------------------
 
 
+def _check_release_allowed(ctx: ControllerContext, candidate: ModelVersion) -> None:
+    """Refuse a version below the release-signed minimum for its model: devices would refuse it too.
+
+    The release counter is read from the signed target when it is there (a row in the database
+    is only as trustworthy as the controller), else from the registry row.
+    """
+    minimum = ctx.trust.min_release(candidate.name)
+    if minimum <= 0:
+        return
+    info = ctx.trust.target_info(candidate.target_path) if candidate.target_path else None
+    custom = info.custom if info is not None else None
+    signed = custom.get("release") if isinstance(custom, dict) else None
+    release = signed if isinstance(signed, int) and not isinstance(signed, bool) else candidate.release
+    if release < minimum:
+        raise ConflictError(
+            f"{candidate.name}:{candidate.version} has release {release}, below the signed minimum release "
+            f"{minimum} for {candidate.name}; devices would refuse it. Roll out a version with release >= "
+            f"{minimum}, or sign a lower minimum with `fleet models policy {candidate.name} --min-release N`",
+            model=candidate.name, version=candidate.version, release=release, min_release=minimum,
+        )
+
+
 def create_rollout(
     ctx: ControllerContext,
     session: Session,
@@ -136,6 +158,7 @@ def create_rollout(
             f"model version {model}:{version} not found; push it first with `fleet models push`",
             model=model, version=version,
         )
+    _check_release_allowed(ctx, candidate)
     active = session.scalar(
         select(Rollout).where(Rollout.model == model, Rollout.phase.not_in(FINISHED_PHASES)).limit(1)
     )

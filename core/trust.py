@@ -2,17 +2,24 @@
 
 Rules this module enforces:
 
-- Two keys, two powers. The operator's **release key** (Ed25519) signs `root` and `targets`; it
-  never leaves the operator's machine. The controller's **online key** signs only `snapshot` and
-  `timestamp`, so a compromised controller can delay or freeze updates but cannot make a device
-  accept a bundle the release key did not sign.
+- Offline keys and an online key. The operator's keys (Ed25519) sign `root` and `targets`; they
+  never leave the operator's machines. The root and targets roles each have their own keys and
+  threshold (e.g. root 2-of-3, targets 1-of-2; the default is one `release` key, 1-of-1). The
+  controller's **online key** signs only `snapshot` and `timestamp` (threshold 1), so a
+  compromised controller can delay or freeze updates but cannot make a device accept a bundle
+  that a threshold of targets keys did not sign. The online key never holds a root or targets role.
 - `targets` lists every bundle as `NAME/VERSION/bundle.tar` with its length, SHA-256 and custom
   fields. A bundle path, once signed, keeps its bytes: re-signing it with another hash is refused.
 - The repository accepts a `targets` only if the current root's targets keys signed it, it is not
   expired, and its version is exactly the current one + 1, so two concurrent pushes cannot
   silently overwrite each other: the second one is told to re-sign on top of the first.
 - A new root is accepted only if it is signed by a threshold of its own root keys *and* of the
-  previous root's (basic key rotation), and only in version order.
+  previous root's (basic key rotation), and only in version order. `root_signatures` says how
+  far a root is from that, so the operator's tools refuse to upload an under-signed one.
+- Uptane-style release counters: each bundle's target carries `custom.release`; a per-model
+  target `NAME/policy.json` (custom `{"model", "min_release"}`) signed by the targets keys sets
+  the lowest release a device may install. Unlike bundles, a policy target may be re-signed
+  with new content.
 
 Everything here is pure (bytes in, bytes out) except the key-file helpers at the top and the
 `MetadataStore` the repository writes through. Consistent snapshots are off in this version, so
@@ -24,11 +31,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import stat
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
@@ -63,6 +72,8 @@ from fleet.core.manifest import Manifest
 ROOT, TARGETS, SNAPSHOT, TIMESTAMP = Root.type, Targets.type, Snapshot.type, Timestamp.type
 PUBLISHED_NAME_RE = re.compile(r"^(?:[1-9][0-9]{0,9}\.root|root|timestamp|snapshot|targets)\.json$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+POLICY_FILE = "policy.json"
+POLICY_PATH_RE = re.compile(r"^[^/]+/policy\.json$")
 # Indented JSON: operators read these files; a few hundred extra bytes do not matter.
 _SERIALIZER = JSONSerializer(compact=False)
 
@@ -291,8 +302,15 @@ def verify_targets(
     return md.signed
 
 
+def is_policy_path(path: str) -> bool:
+    """Whether a target path names a per-model policy (`NAME/policy.json`), not a bundle."""
+    return POLICY_PATH_RE.match(path) is not None
+
+
 def _check_immutable(old: Targets, new: Targets) -> None:
     for path, old_file in old.targets.items():
+        if is_policy_path(path):
+            continue  # a policy is meant to change: raising min_release re-signs it
         new_file = new.targets.get(path)
         if new_file is not None and (
             new_file.length != old_file.length or new_file.hashes != old_file.hashes
@@ -304,7 +322,86 @@ def _check_immutable(old: Targets, new: Targets) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Release-key operations (the operator's machine)
+# Offline-key operations (the operator's machine)
+
+OFFLINE_ROLES = (ROOT, TARGETS)
+
+
+def _short(keyid: str) -> str:
+    return keyid[:16]
+
+
+def _check_role_keys(root: Root) -> None:
+    """Structural rules every root this module makes must keep (thresholds, key separation)."""
+    online = set(root.roles[SNAPSHOT].keyids) | set(root.roles[TIMESTAMP].keyids)
+    for role in (ROOT, TARGETS, SNAPSHOT, TIMESTAMP):
+        keyids = root.roles[role].keyids
+        threshold = root.roles[role].threshold
+        if not keyids:
+            raise InvalidInputError(f"the {role} role would have no keys; every role needs at least one")
+        if threshold < 1 or threshold > len(keyids):
+            raise InvalidInputError(
+                f"the {role} threshold {threshold} must be between 1 and the number of {role} keys "
+                f"({len(keyids)})"
+            )
+    for role in OFFLINE_ROLES:
+        shared = online & set(root.roles[role].keyids)
+        if shared:
+            raise InvalidInputError(
+                f"the online key {_short(sorted(shared)[0])} must not be a {role} key: the controller must "
+                "never be able to sign root or targets"
+            )
+    if len(root.roles[SNAPSHOT].keyids) != 1 or root.roles[SNAPSHOT].keyids != root.roles[TIMESTAMP].keyids:
+        raise InvalidInputError("snapshot and timestamp must both be the controller's one online key")
+
+
+def _as_signers(signers: Signer | Sequence[Signer]) -> list[Signer]:
+    return [signers] if isinstance(signers, Signer) else list(signers)
+
+
+def _sign_all(md: Metadata[Any], signers: Sequence[Signer]) -> None:
+    seen: set[str] = set()
+    for signer in signers:
+        if signer.public_key.keyid in seen:
+            continue
+        seen.add(signer.public_key.keyid)
+        md.sign(signer, append=True)
+
+
+def make_root(
+    *,
+    root_keys: Sequence[Key],
+    targets_keys: Sequence[Key],
+    online_public: Key,
+    signers: Sequence[Signer],
+    root_threshold: int = 1,
+    targets_threshold: int = 1,
+    expires_days: int = 365,
+    now: datetime | None = None,
+    require_threshold: bool = True,
+) -> bytes:
+    """Root v1 from public keys and thresholds; snapshot and timestamp trust the online key.
+
+    Signed by `signers` (those that are root keys count towards the threshold). With
+    `require_threshold` (the default) an under-signed root is refused here, with a message
+    saying how many more root-key signatures it needs.
+    """
+    root = Root(version=1, expires=_now(now) + timedelta(days=expires_days), consistent_snapshot=False)
+    for key in root_keys:
+        root.add_key(key, ROOT)
+    for key in targets_keys:
+        root.add_key(key, TARGETS)
+    root.add_key(online_public, SNAPSHOT)
+    root.add_key(online_public, TIMESTAMP)
+    root.roles[ROOT].threshold = root_threshold
+    root.roles[TARGETS].threshold = targets_threshold
+    _check_role_keys(root)
+    md = Metadata(root)
+    _sign_all(md, signers)
+    data = _serialize(md)
+    if require_threshold:
+        check_root_signatures(data, None)
+    return data
 
 
 def new_root(
@@ -315,7 +412,7 @@ def new_root(
     expires_days: int = 365,
     now: datetime | None = None,
 ) -> bytes:
-    """Root v1: root and targets trust the release key, snapshot and timestamp the online key."""
+    """Root v1 of the default setup: the release key is the one root and targets key (1-of-1)."""
     if release_signer.public_key.keyid != release_public.keyid:
         raise InvalidInputError("the release signer does not match the release public key")
     if release_public.keyid == online_public.keyid:
@@ -323,14 +420,73 @@ def new_root(
             "the online key must differ from the release key: "
             "the controller must never be able to sign targets"
         )
-    root = Root(version=1, expires=_now(now) + timedelta(days=expires_days), consistent_snapshot=False)
-    root.add_key(release_public, ROOT)
-    root.add_key(release_public, TARGETS)
-    root.add_key(online_public, SNAPSHOT)
-    root.add_key(online_public, TIMESTAMP)
+    return make_root(
+        root_keys=[release_public], targets_keys=[release_public], online_public=online_public,
+        signers=[release_signer], expires_days=expires_days, now=now,
+    )
+
+
+def next_root(
+    root_bytes: bytes,
+    signers: Sequence[Signer],
+    *,
+    add_keys: Mapping[str, Sequence[Key]] | None = None,
+    revoke_keys: Mapping[str, Sequence[str]] | None = None,
+    thresholds: Mapping[str, int] | None = None,
+    online_public: Key | None = None,
+    expires_days: int = 365,
+    now: datetime | None = None,
+    require_threshold: bool = True,
+) -> bytes:
+    """The next root version with changes, signed by `signers`.
+
+    `add_keys` / `revoke_keys` / `thresholds` map a role (`root` or `targets`) to keys to add,
+    key ids to revoke, or its new threshold; `online_public` replaces the controller's online
+    key for snapshot and timestamp. Devices accept the result only if a threshold of the old
+    root's root keys *and* of the new root's signed it; with `require_threshold` (the default)
+    this is checked here, so an under-signed root never leaves the operator's machine. Pass
+    False to make one anyway (tests, or to collect signatures with `sign_root` elsewhere).
+    """
+    previous = verify_root(root_bytes)
+    # A separate parse, not to_dict(): python-tuf shares role key-id lists between the two.
+    root = _parse(root_bytes, Root, "root metadata").signed
+    root.version = previous.version + 1
+    root.expires = _now(now) + timedelta(days=expires_days)
+    for role in {*(add_keys or {}), *(revoke_keys or {}), *(thresholds or {})}:
+        if role not in OFFLINE_ROLES:
+            raise InvalidInputError(
+                f"role {role!r} cannot be changed this way: use 'root' or 'targets' (snapshot and timestamp "
+                "follow the controller's online key)"
+            )
+    for role, keyids in (revoke_keys or {}).items():
+        for keyid in keyids:
+            if keyid not in root.roles[role].keyids:
+                raise NotFoundError(
+                    f"key {_short(keyid)} is not a {role} key of root v{previous.version} "
+                    f"({role} keys: {', '.join(_short(k) for k in root.roles[role].keyids)})"
+                )
+            root.revoke_key(keyid, role)
+    for role, keys in (add_keys or {}).items():
+        for key in keys:
+            if key.keyid in root.roles[role].keyids:
+                raise ConflictError(f"key {_short(key.keyid)} is already a {role} key")
+            root.add_key(key, role)
+    for role, threshold in (thresholds or {}).items():
+        if isinstance(threshold, bool) or not isinstance(threshold, int):
+            raise InvalidInputError(f"the {role} threshold must be an integer, got {threshold!r}")
+        root.roles[role].threshold = threshold
+    if online_public is not None:
+        for role in (SNAPSHOT, TIMESTAMP):
+            for keyid in list(root.roles[role].keyids):
+                root.revoke_key(keyid, role)
+            root.add_key(online_public, role)
+    _check_role_keys(root)
     md = Metadata(root)
-    md.sign(release_signer)
-    return _serialize(md)
+    _sign_all(md, signers)
+    data = _serialize(md)
+    if require_threshold:
+        check_root_signatures(data, root_bytes)
+    return data
 
 
 def rotate_root(
@@ -342,63 +498,136 @@ def rotate_root(
     expires_days: int = 365,
     now: datetime | None = None,
 ) -> bytes:
-    """The next root version, optionally replacing the release and/or online key.
+    """The next root version, optionally replacing the one release key and/or the online key.
 
     `signers` must include the current release key and, when it changes, the new one: clients
     accept a new root only when both the old and the new root keys signed it.
     """
     current = verify_root(root_bytes)
-    # A separate parse, not to_dict(): python-tuf shares role key-id lists between the two.
-    root = _parse(root_bytes, Root, "root metadata").signed
-    root.version = current.version + 1
-    root.expires = _now(now) + timedelta(days=expires_days)
+    add: dict[str, list[Key]] = {}
+    revoke: dict[str, list[str]] = {}
+    thresholds: dict[str, int] = {}
     if release_public is not None:
-        for role in (ROOT, TARGETS):
-            for keyid in list(root.roles[role].keyids):
-                root.revoke_key(keyid, role)
-            root.add_key(release_public, role)
-    if online_public is not None:
-        for role in (SNAPSHOT, TIMESTAMP):
-            for keyid in list(root.roles[role].keyids):
-                root.revoke_key(keyid, role)
-            root.add_key(online_public, role)
-    md = Metadata(root)
-    for signer in signers:
-        md.sign(signer, append=True)
-    data = _serialize(md)
-    # Fail here, on the operator's machine, rather than at the controller.
-    _verify(root, ROOT, md, f"root v{root.version}")
-    _verify(current, ROOT, md, f"root v{root.version} (by the previous root)")
-    return data
+        for role in OFFLINE_ROLES:
+            revoke[role] = [k for k in current.roles[role].keyids if k != release_public.keyid]
+            if release_public.keyid not in current.roles[role].keyids:
+                add[role] = [release_public]
+            thresholds[role] = 1
+    return next_root(
+        root_bytes, signers, add_keys=add, revoke_keys=revoke, thresholds=thresholds,
+        online_public=online_public, expires_days=expires_days, now=now,
+    )
 
 
-def add_target(
-    targets_bytes: bytes | None,
-    root_bytes: bytes,
-    release_signer: Signer,
-    *,
-    target_path: str,
-    length: int,
-    sha256: str,
-    custom: Mapping[str, Any],
-    expires_days: int = 365,
-    now: datetime | None = None,
-) -> bytes:
-    """The next signed targets: the previous targets (if any) plus one bundle, version + 1."""
-    root = verify_root(root_bytes)
-    keyid = release_signer.public_key.keyid
-    if keyid not in root.roles[TARGETS].keyids:
+def sign_root(root_bytes: bytes, signers: Sequence[Signer]) -> bytes:
+    """Add signatures to a root (keeping the ones it has): for collecting a threshold in steps."""
+    md = _parse(root_bytes, Root, "root metadata")
+    _sign_all(md, signers)
+    return _serialize(md)
+
+
+@dataclass(frozen=True)
+class RootSignatures:
+    """How far a root is from being accepted: valid signatures against each threshold."""
+
+    version: int
+    threshold: int
+    signed_by: tuple[str, ...]
+    previous_version: int | None
+    previous_threshold: int
+    previous_signed_by: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return len(self.signed_by) >= self.threshold and len(self.previous_signed_by) >= self.previous_threshold
+
+    def problem(self) -> str:
+        """Empty when `ok`; else what is missing, in words an operator can act on."""
+        parts = []
+        if len(self.signed_by) < self.threshold:
+            parts.append(
+                f"{len(self.signed_by)} of its own {self.threshold} required root-key signatures"
+            )
+        if self.previous_version is not None and len(self.previous_signed_by) < self.previous_threshold:
+            parts.append(
+                f"{len(self.previous_signed_by)} of the {self.previous_threshold} required signatures by root "
+                f"v{self.previous_version}'s root keys"
+            )
+        if not parts:
+            return ""
+        return f"root v{self.version} has only " + " and ".join(parts)
+
+
+def root_signatures(root_bytes: bytes, previous_root_bytes: bytes | None) -> RootSignatures:
+    """Count a root's valid signatures against its own root threshold and the previous root's.
+
+    Pure: nothing is refused here, so callers (and tests crafting bad roots) can inspect it.
+    """
+    md = _parse(root_bytes, Root, "root metadata")
+    own = md.signed.get_verification_result(ROOT, md.signed_bytes, md.signatures)
+    prev_version: int | None = None
+    prev_threshold = 0
+    prev_signed: tuple[str, ...] = ()
+    if previous_root_bytes is not None:
+        previous = _parse(previous_root_bytes, Root, "previous root metadata").signed
+        if md.signed.version != previous.version + 1:
+            raise ConflictError(
+                f"root v{md.signed.version} does not follow root v{previous.version}; make v{previous.version + 1}"
+            )
+        result = previous.get_verification_result(ROOT, md.signed_bytes, md.signatures)
+        prev_version, prev_threshold, prev_signed = previous.version, result.threshold, tuple(sorted(result.signed))
+    return RootSignatures(
+        version=md.signed.version,
+        threshold=own.threshold,
+        signed_by=tuple(sorted(own.signed)),
+        previous_version=prev_version,
+        previous_threshold=prev_threshold,
+        previous_signed_by=prev_signed,
+    )
+
+
+def check_root_signatures(root_bytes: bytes, previous_root_bytes: bytes | None) -> RootSignatures:
+    """`root_signatures`, raising SignatureError (reason `threshold`) when a threshold is not met."""
+    status = root_signatures(root_bytes, previous_root_bytes)
+    if not status.ok:
         raise SignatureError(
-            f"key {keyid} is not a targets key of root v{root.version} "
-            f"(targets keys: {', '.join(root.roles[TARGETS].keyids)}); sign with the release key",
+            f"{status.problem()}; sign it with more root keys (devices would refuse it)",
+            reason="threshold",
+            version=status.version,
+        )
+    return status
+
+
+def _check_targets_signers(root: Root, signers: Sequence[Signer]) -> None:
+    role = root.roles[TARGETS]
+    keyids = {s.public_key.keyid for s in signers}
+    strangers = sorted(k for k in keyids if k not in role.keyids)
+    if strangers:
+        raise SignatureError(
+            f"key {_short(strangers[0])} is not a targets key of root v{root.version} "
+            f"(targets keys: {', '.join(_short(k) for k in role.keyids)}); sign with the release key(s)",
             reason="wrong_key",
         )
-    _check_target_path(target_path)
-    if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
-        raise InvalidInputError(f"target length must be a positive integer, got {length!r}")
-    if not _SHA256_RE.match(sha256):
-        raise InvalidInputError(f"target sha256 must be 64 lowercase hex digits, got {sha256!r}")
+    if len(keyids) < role.threshold:
+        raise SignatureError(
+            f"targets need {role.threshold} signatures by targets keys of root v{root.version}, "
+            f"{len(keyids)} given; sign with more targets keys",
+            reason="threshold",
+        )
 
+
+def _next_targets(
+    targets_bytes: bytes | None,
+    root_bytes: bytes,
+    signers: Signer | Sequence[Signer],
+    entries: Mapping[str, TargetFile],
+    *,
+    expires_days: int,
+    now: datetime | None,
+) -> bytes:
+    root = verify_root(root_bytes)
+    signer_list = _as_signers(signers)
+    _check_targets_signers(root, signer_list)
     previous: Targets | None = None
     if targets_bytes is not None:
         # An expired targets may be extended: signing the next version is how expiry is fixed.
@@ -408,41 +637,63 @@ def add_target(
         expires=_now(now) + timedelta(days=expires_days),
         targets=dict(previous.targets) if previous is not None else {},
     )
-    targets.targets[target_path] = TargetFile(
+    targets.targets.update(entries)
+    if previous is not None:
+        _check_immutable(previous, targets)
+    md = Metadata(targets)
+    _sign_all(md, signer_list)
+    return _serialize(md)
+
+
+def add_target(
+    targets_bytes: bytes | None,
+    root_bytes: bytes,
+    release_signer: Signer | Sequence[Signer],
+    *,
+    target_path: str,
+    length: int,
+    sha256: str,
+    custom: Mapping[str, Any],
+    expires_days: int = 365,
+    now: datetime | None = None,
+) -> bytes:
+    """The next signed targets: the previous targets (if any) plus one bundle, version + 1.
+
+    `release_signer` is one targets key or several; together they must meet the targets threshold.
+    """
+    _check_target_path(target_path)
+    if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
+        raise InvalidInputError(f"target length must be a positive integer, got {length!r}")
+    if not _SHA256_RE.match(sha256):
+        raise InvalidInputError(f"target sha256 must be 64 lowercase hex digits, got {sha256!r}")
+    entry = TargetFile(
         length=length,
         hashes={"sha256": sha256},
         path=target_path,
         unrecognized_fields={"custom": dict(custom)},
     )
-    if previous is not None:
-        _check_immutable(previous, targets)
-    md = Metadata(targets)
-    md.sign(release_signer)
-    return _serialize(md)
+    return _next_targets(targets_bytes, root_bytes, release_signer, {target_path: entry},
+                         expires_days=expires_days, now=now)
 
 
 def resign_targets(
     targets_bytes: bytes,
     previous_root_bytes: bytes,
     root_bytes: bytes,
-    release_signer: Signer,
+    release_signer: Signer | Sequence[Signer],
     *,
     expires_days: int = 365,
     now: datetime | None = None,
 ) -> bytes:
-    """Re-sign the current targets (version + 1, same entries) with the key of a newer root.
+    """Re-sign the current targets (version + 1, same entries) with the key(s) of a newer root.
 
-    Needed right after the targets key rotates: the published targets were signed by the old key,
-    which the new root no longer trusts, so devices refuse them until this runs. The entries are
-    checked against `previous_root_bytes` (the root that signed them) before being re-signed.
+    Needed right after the targets keys change: the published targets were signed by keys the
+    new root may no longer trust (or not enough of them), so devices refuse them until this
+    runs. The entries are checked against `previous_root_bytes` (the root that signed them).
     """
     root = verify_root(root_bytes)
-    keyid = release_signer.public_key.keyid
-    if keyid not in root.roles[TARGETS].keyids:
-        raise SignatureError(
-            f"key {keyid} is not a targets key of root v{root.version}; sign with the new release key",
-            reason="wrong_key",
-        )
+    signer_list = _as_signers(release_signer)
+    _check_targets_signers(root, signer_list)
     previous = verify_targets(targets_bytes, previous_root_bytes, check_expiry=False)
     targets = Targets(
         version=previous.version + 1,
@@ -450,8 +701,83 @@ def resign_targets(
         targets=dict(previous.targets),
     )
     md = Metadata(targets)
-    md.sign(release_signer)
+    _sign_all(md, signer_list)
     return _serialize(md)
+
+
+# --------------------------------------------------------------------------------------------------
+# Signed per-model policy (release counter minimum)
+
+
+def policy_path_for(name: str) -> str:
+    """The target that carries a model's signed policy."""
+    return f"{name}/{POLICY_FILE}"
+
+
+def policy_document(name: str, min_release: int) -> bytes:
+    """The policy's own bytes (canonical JSON); its target signs their length and hash."""
+    _check_min_release(min_release)
+    return json.dumps({"model": name, "min_release": min_release}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _check_min_release(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInputError(f"min_release must be a non-negative integer, got {value!r}")
+    return value
+
+
+def set_min_release(
+    targets_bytes: bytes | None,
+    root_bytes: bytes,
+    signers: Signer | Sequence[Signer],
+    *,
+    model: str,
+    min_release: int,
+    expires_days: int = 365,
+    now: datetime | None = None,
+) -> bytes:
+    """The next signed targets with `model`'s policy set to `min_release` (replacing any before)."""
+    path = policy_path_for(model)
+    _check_target_path(path)
+    document = policy_document(model, min_release)
+    entry = TargetFile(
+        length=len(document),
+        hashes={"sha256": _sha256(document)},
+        path=path,
+        unrecognized_fields={"custom": {"model": model, "min_release": min_release}},
+    )
+    return _next_targets(targets_bytes, root_bytes, signers, {path: entry}, expires_days=expires_days, now=now)
+
+
+def min_release_from_custom(custom: Mapping[str, Any] | None, model: str) -> int:
+    """A policy target's signed minimum release; 0 when there is no policy (`custom` None).
+
+    A policy that names another model or holds no valid counter is refused: it was signed by
+    mistake or crafted, and guessing a value would either block or allow the wrong releases.
+    """
+    if custom is None:
+        return 0
+    if custom.get("model") != model:
+        raise SignatureError(
+            f"the signed policy for {model} names model {custom.get('model')!r}", reason="invalid", transient=False
+        )
+    value = custom.get("min_release")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SignatureError(
+            f"the signed policy for {model} has no valid min_release ({value!r})", reason="invalid", transient=False
+        )
+    return value
+
+
+def signed_min_release(targets: Targets | None, model: str) -> int:
+    """The minimum release the signed targets allow for `model` (0 without a policy)."""
+    if targets is None:
+        return 0
+    entry = targets.targets.get(policy_path_for(model))
+    if entry is None:
+        return 0
+    custom = entry.custom
+    return min_release_from_custom(custom if isinstance(custom, Mapping) else {}, model)
 
 
 def _check_target_path(path: str) -> None:
@@ -542,6 +868,10 @@ class OnlineRepository:
     def target_info(self, target_path: str) -> TargetFile | None:
         targets = self.targets()
         return None if targets is None else targets.targets.get(target_path)
+
+    def min_release(self, model: str) -> int:
+        """The lowest release of `model` the published, release-signed policy allows (0: no policy)."""
+        return signed_min_release(self.targets(), model)
 
     def _root_md(self) -> Metadata[Root]:
         data = self._store.get("root.json")

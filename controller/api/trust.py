@@ -17,6 +17,7 @@ from fastapi.concurrency import run_in_threadpool
 from tuf.api.metadata import Root
 
 from fleet.controller.api.deps import Ctx
+from fleet.controller.api.models import MAX_TARGETS_BYTES
 from fleet.controller.api.schemas import OnlineKeyPublic, TrustRootPublic
 from fleet.core import trust as trust_rules
 from fleet.core.errors import InvalidInputError, NotFoundError
@@ -66,6 +67,17 @@ async def install_root(request: Request, ctx: Ctx) -> TrustRootPublic:
 @router.get("/root", summary="The installed root.json (to provision agents with)")
 def get_root(ctx: Ctx) -> Response:
     return Response(ctx.trust.get("root.json"), media_type=JSON)
+
+
+@router.post("/targets", summary="Publish a targets.json re-signed by the operator (policy, key change)")
+async def publish_targets(request: Request, ctx: Ctx) -> dict[str, int]:
+    data = await request.body()
+    if not data:
+        raise InvalidInputError("send the signed targets.json as the request body")
+    if len(data) > MAX_TARGETS_BYTES:
+        raise InvalidInputError(f"targets.json is larger than {MAX_TARGETS_BYTES} bytes")
+    targets = await run_in_threadpool(ctx.trust.accept_targets, data)
+    return {"version": targets.version, "targets": len(targets.targets)}
 
 
 @router.get("/targets", summary="The current signed targets.json (to sign the next push on top of)")

@@ -30,6 +30,8 @@ class FleetWorld:
         self.models.mkdir(parents=True, exist_ok=True)
         self.root = workdir / "root.json"
         self.token: str | None = None
+        # Where agents reach the controller's REST URL (metadata, bundles): the controller, or a proxy.
+        self.agent_url: str | None = None
 
     # -- processes ------------------------------------------------------------------------
 
@@ -75,7 +77,8 @@ class FleetWorld:
                     traffic_rate: float = 30.0) -> str:
         device_id = f"cam-{index:02d}"
         args = ["agent", "run", "--data-dir", str(self.workdir / "agents" / device_id),
-                "--controller-grpc", f"127.0.0.1:{self.cluster.grpc_port}", "--controller-url", self.cluster.url,
+                "--controller-grpc", f"127.0.0.1:{self.cluster.grpc_port}",
+                "--controller-url", self.agent_url or self.cluster.url,
                 "--trust-root", str(self.root), "--device-id", device_id, "--inference-addr", "127.0.0.1:0",
                 "--metrics-addr", "127.0.0.1:0"]
         if token:

@@ -157,8 +157,10 @@ class FakeTrust:
     """Returns what the release metadata would sign: the true length and hash of each bundle."""
 
     def __init__(self, releases: dict[str, Release]) -> None:
-        self.signed = {r.target_path: (len(r.data), r.sha256, {"model": MODEL, "version": r.version})
+        self.signed = {r.target_path: (len(r.data), r.sha256, {"model": MODEL, "version": r.version,
+                                                               "release": int(r.version[1:]), "hardware": ["any"]})
                        for r in releases.values()}
+        self.min_releases: dict[str, int] = {}
         self.refreshes = 0
 
     def refresh(self) -> None:
@@ -168,6 +170,15 @@ class FakeTrust:
         if target_path not in self.signed:
             raise SignatureError(f"no release-signed target {target_path!r}")
         return self.signed[target_path]
+
+    def min_release(self, model: str) -> int:
+        return self.min_releases.get(model, 0)
+
+    def sign_custom(self, rel: Release, /, **custom: Any) -> None:
+        """Re-sign `rel`'s target with other custom fields (None removes a field)."""
+        length, sha, old = self.signed[rel.target_path]
+        merged = {k: v for k, v in {**old, **custom}.items() if v is not None}
+        self.signed[rel.target_path] = (length, sha, merged)
 
 
 class Clock:
@@ -514,7 +525,7 @@ def test_a_bundle_that_is_not_onnx_is_refused(device, releases):
 def test_a_bundle_longer_than_its_signed_length_is_refused(device, releases):
     install_v1(device, releases)
     rel = releases["v2"]
-    device.trust.signed[rel.target_path] = (len(rel.data) - 512, rel.sha256, {})
+    device.trust.signed[rel.target_path] = (len(rel.data) - 512, rel.sha256, {"model": MODEL, "version": "v2"})
     updater, host = device.boot()
     run(updater.apply(assignment(rel, length=len(rel.data) - 512)))
     status = updater.status()
@@ -543,6 +554,45 @@ def test_a_signed_bundle_of_another_version_is_refused(device, releases):
     status = updater.status()
     assert status["state"] == um.FAILED and "not 'v2'" in status["error"]
     answers(host, "v1")
+
+
+@pytest.mark.parametrize(("custom", "check", "words"), [
+    ({"model": None}, "model", "carries no model"),
+    ({"version": None}, "version", "carries no version"),
+    ({"hardware": ["jetson-orin", "coral"]}, "hardware", "not this device's 'cpu'"),
+    ({"release": "7"}, "release", "not a non-negative integer"),
+])
+def test_assignment_checks_refuse_what_the_signed_target_does_not_allow(device, releases, custom, check, words):
+    install_v1(device, releases)
+    device.trust.sign_custom(releases["v2"], **custom)
+    updater, host = device.boot()
+    run(updater.apply(assignment(releases["v2"])))
+    status = updater.status()
+    assert status["state"] == um.FAILED and words in status["error"], status
+    assert device.events[-1]["state"] == um.FAILED and words in device.events[-1]["reason"]
+    assert device.served.requests.count(f"/bundles/{releases['v2'].target_path}") == 0
+    answers(host, "v1")
+    # A non-transient refusal: not retried before the backoff, whatever the controller says.
+    assert updater.next_retry_in() is not None and updater.next_retry_in() > 0
+
+
+def test_a_release_below_the_signed_minimum_is_refused(device, releases):
+    install_v1(device, releases)
+    device.trust.min_releases[MODEL] = 3
+    updater, host = device.boot()
+    run(updater.apply(assignment(releases["v2"])))
+    status = updater.status()
+    assert status["state"] == um.FAILED
+    assert "release 2 is below the signed minimum release 3" in status["error"]
+    answers(host, "v1")
+    # A release at the minimum goes through.
+    run(updater.apply(assignment(releases["v3"])))
+    answers(host, "v3")
+
+
+def test_a_device_whose_hardware_is_listed_accepts_the_bundle(device, releases):
+    device.trust.sign_custom(releases["v1"], hardware=["cpu", "jetson-orin"])
+    install_v1(device, releases)
 
 
 # -- start-up ----------------------------------------------------------------------------------------

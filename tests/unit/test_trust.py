@@ -7,6 +7,7 @@ code `tuf.ngclient.Updater` runs on the devices.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -31,14 +32,23 @@ from fleet.core.trust import (
     MemoryMetadataStore,
     OnlineRepository,
     add_target,
+    check_root_signatures,
     generate_key_pair,
     load_or_create_signer,
     load_public_key,
     load_signer,
+    make_root,
+    min_release_from_custom,
     new_root,
+    next_root,
+    policy_document,
     public_key_pem,
     resign_targets,
+    root_signatures,
     rotate_root,
+    set_min_release,
+    sign_root,
+    signed_min_release,
     target_custom,
     target_path_for,
     verify_targets,
@@ -407,3 +417,206 @@ def test_target_custom_carries_the_signed_bundle_facts() -> None:
         "task": "detection",
         "hardware": ["any", "jetson"],
     }
+
+
+# -- several keys per role, thresholds ---------------------------------------------------------------
+
+
+class ThresholdWorld(World):
+    """Root 2-of-3, targets 1-of-2, online key for snapshot and timestamp."""
+
+    def __init__(self, targets_threshold: int = 1) -> None:
+        self.roots = [signer() for _ in range(3)]
+        self.targets_keys = [signer() for _ in range(2)]
+        self.online = signer()
+        self.release = self.targets_keys[0]
+        self.signers_for_targets: list[CryptoSigner] = self.targets_keys[:targets_threshold]
+        self.root = make_root(
+            root_keys=[s.public_key for s in self.roots], root_threshold=2,
+            targets_keys=[s.public_key for s in self.targets_keys], targets_threshold=targets_threshold,
+            online_public=self.online.public_key, signers=self.roots[:2],
+        )
+        self.store = MemoryMetadataStore()
+        self.repo = OnlineRepository(self.online, self.store)
+        self.repo.install_root(self.root)
+
+    def push(self, name: str, version: str, sha: str = SHA_A, length: int = 100) -> bytes:
+        targets = add_target(
+            self.store.get("targets.json"), self.root, self.signers_for_targets,
+            target_path=target_path_for(name, version), length=length, sha256=sha,
+            custom={"model": name, "version": version},
+        )
+        self.repo.accept_targets(targets)
+        return targets
+
+
+def test_root_with_thresholds_is_made_checked_and_trusted_by_the_client() -> None:
+    world = ThresholdWorld()
+    root = Metadata[Root].from_bytes(world.root).signed
+    assert root.roles["root"].threshold == 2 and len(root.roles["root"].keyids) == 3
+    assert root.roles["targets"].threshold == 1 and len(root.roles["targets"].keyids) == 2
+    assert root.roles["timestamp"].keyids == root.roles["snapshot"].keyids == [world.online.public_key.keyid]
+    world.push("detector", "v1")
+    # Either targets key alone meets 1-of-2.
+    world.signers_for_targets = [world.targets_keys[1]]
+    world.push("detector", "v2")
+    assert set(world.client_view().targets.targets) == {"detector/v1/bundle.tar", "detector/v2/bundle.tar"}
+
+
+def test_an_under_signed_first_root_is_refused_unless_asked_for() -> None:
+    roots = [signer() for _ in range(3)]
+    online = signer()
+    kwargs = {"root_keys": [s.public_key for s in roots], "root_threshold": 2,
+              "targets_keys": [roots[0].public_key], "online_public": online.public_key}
+    with pytest.raises(SignatureError, match="only 1 of its own 2 required root-key signatures"):
+        make_root(signers=roots[:1], **kwargs)  # type: ignore[arg-type]
+    crafted = make_root(signers=roots[:1], require_threshold=False, **kwargs)  # type: ignore[arg-type]
+    status = root_signatures(crafted, None)
+    assert not status.ok and status.signed_by == (roots[0].public_key.keyid,) and status.threshold == 2
+    with pytest.raises(SignatureError):
+        OnlineRepository(online, MemoryMetadataStore()).install_root(crafted)
+    # A second signature, added later, completes it.
+    completed = sign_root(crafted, [roots[2]])
+    assert check_root_signatures(completed, None).ok
+    assert OnlineRepository(online, MemoryMetadataStore()).install_root(completed).version == 1
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"root_threshold": 4}, "root threshold 4 must be between 1 and the number of root keys"),
+    ({"targets_threshold": 0}, "targets threshold 0 must be between 1"),
+    ({"online_in_targets": True}, "must not be a targets key"),
+])
+def test_structurally_wrong_roots_are_refused(change: dict[str, object], message: str) -> None:
+    roots = [signer() for _ in range(3)]
+    online = signer()
+    targets = [roots[0].public_key] + ([online.public_key] if change.get("online_in_targets") else [])
+    with pytest.raises(InvalidInputError, match=message):
+        make_root(root_keys=[s.public_key for s in roots], root_threshold=int(change.get("root_threshold", 2)),
+                  targets_keys=targets, targets_threshold=int(change.get("targets_threshold", 1)),
+                  online_public=online.public_key, signers=roots)
+
+
+def test_next_root_adds_revokes_and_sets_thresholds() -> None:
+    world = ThresholdWorld()
+    world.push("detector", "v1")
+    extra = signer()
+    # Add a third targets key and require 2 of 3.
+    v2 = next_root(world.root, world.roots[:2], add_keys={"targets": [extra.public_key]},
+                   thresholds={"targets": 2})
+    root = Metadata[Root].from_bytes(v2).signed
+    assert root.version == 2 and root.roles["targets"].threshold == 2
+    assert extra.public_key.keyid in root.roles["targets"].keyids
+    world.repo.install_root(v2)
+    # The published targets carry one signature: below the new threshold, devices refuse them.
+    with pytest.raises(UnsignedMetadataError):
+        world.client_view()
+    with pytest.raises(SignatureError, match="need 2 signatures"):
+        resign_targets(world.store.get("targets.json") or b"", world.root, v2, [world.targets_keys[0]])
+    world.repo.accept_targets(resign_targets(world.store.get("targets.json") or b"", world.root, v2,
+                                             [world.targets_keys[0], extra]))
+    assert world.client_view().targets.version == 2
+    world.root = v2
+
+    # Revoke a targets key: it can no longer sign, even together with another one.
+    revoked = world.targets_keys[1]
+    v3 = next_root(world.root, world.roots[:2], revoke_keys={"targets": [revoked.public_key.keyid]})
+    world.repo.install_root(v3)
+    with pytest.raises(SignatureError, match="is not a targets key of root v3"):
+        add_target(world.store.get("targets.json"), v3, [revoked, extra], target_path="detector/v9/bundle.tar",
+                   length=1, sha256=SHA_B, custom={})
+    with pytest.raises(NotFoundError, match="is not a targets key of root v3"):
+        next_root(v3, world.roots[:2], revoke_keys={"targets": [revoked.public_key.keyid]})
+    with pytest.raises(InvalidInputError, match="use 'root' or 'targets'"):
+        next_root(v3, world.roots[:2], thresholds={"timestamp": 1})
+    with pytest.raises(InvalidInputError, match="targets threshold 3 must be between 1 and the number"):
+        next_root(v3, world.roots[:2], thresholds={"targets": 3})
+
+
+def test_root_rotation_needs_both_thresholds() -> None:
+    world = ThresholdWorld()
+    new_roots = [signer() for _ in range(2)]
+    old_ids = [s.public_key.keyid for s in world.roots]
+    changes = {"add_keys": {"root": [s.public_key for s in new_roots]}, "revoke_keys": {"root": old_ids},
+               "thresholds": {"root": 2}}
+    # Old keys only: the new root's own threshold is not met.
+    with pytest.raises(SignatureError, match="only 0 of its own 2 required"):
+        next_root(world.root, world.roots, **changes)  # type: ignore[arg-type]
+    # New keys only: the previous root never vouched for it.
+    with pytest.raises(SignatureError, match="0 of the 2 required signatures by root v1's root keys"):
+        next_root(world.root, new_roots, **changes)  # type: ignore[arg-type]
+    # One old key is not enough either.
+    with pytest.raises(SignatureError, match="1 of the 2 required signatures by root v1"):
+        next_root(world.root, [*new_roots, world.roots[0]], **changes)  # type: ignore[arg-type]
+    only_new = next_root(world.root, new_roots, require_threshold=False, **changes)  # type: ignore[arg-type]
+    status = root_signatures(only_new, world.root)
+    assert status.previous_version == 1 and status.previous_signed_by == () and not status.ok
+    with pytest.raises(SignatureError, match="by the keys of root v1"):
+        world.repo.install_root(only_new)
+    only_old = next_root(world.root, world.roots, require_threshold=False, **changes)  # type: ignore[arg-type]
+    with pytest.raises(SignatureError):
+        world.repo.install_root(only_old)
+
+    good = next_root(world.root, [*new_roots, *world.roots[1:]], **changes)  # type: ignore[arg-type]
+    assert world.repo.install_root(good).version == 2
+    # The next rotation is vouched for by the new keys alone.
+    v3 = next_root(good, new_roots, thresholds={"targets": 2})
+    assert world.repo.install_root(v3).version == 3
+
+
+def test_targets_below_threshold_are_refused_everywhere() -> None:
+    world = ThresholdWorld(targets_threshold=2)
+    with pytest.raises(SignatureError, match="need 2 signatures by targets keys of root v1, 1 given"):
+        add_target(None, world.root, [world.targets_keys[0]], target_path="detector/v1/bundle.tar",
+                   length=1, sha256=SHA_A, custom={})
+    both = add_target(None, world.root, world.targets_keys, target_path="detector/v1/bundle.tar",
+                      length=1, sha256=SHA_A, custom={})
+    md = Metadata.from_bytes(both)
+    md.signatures.pop(world.targets_keys[1].public_key.keyid)
+    with pytest.raises(SignatureError, match="not signed by the targets key"):
+        world.repo.accept_targets(md.to_bytes())
+    world.repo.accept_targets(both)
+    assert world.client_view().targets.version == 1
+
+
+# -- signed release policy ----------------------------------------------------------------------------
+
+
+def test_policy_target_signs_the_minimum_release() -> None:
+    world = World()
+    world.push("detector", "v1")
+    assert world.repo.min_release("detector") == 0
+    targets = set_min_release(world.store.get("targets.json"), world.root, world.release, model="detector",
+                              min_release=3)
+    world.repo.accept_targets(targets)
+    entry = world.client_view().targets.targets["detector/policy.json"]
+    document = policy_document("detector", 3)
+    assert entry.length == len(document) and entry.hashes == {"sha256": hashlib.sha256(document).hexdigest()}
+    assert entry.custom == {"model": "detector", "min_release": 3}
+    assert world.repo.min_release("detector") == 3 and world.repo.min_release("other") == 0
+    assert signed_min_release(world.repo.targets(), "detector") == 3
+    # A policy may be re-signed with a new minimum (bundles may not be re-signed).
+    world.repo.accept_targets(set_min_release(world.store.get("targets.json"), world.root, world.release,
+                                              model="detector", min_release=5))
+    assert world.repo.min_release("detector") == 5
+    with pytest.raises(ConflictError, match="immutable"):
+        world.push("detector", "v1", sha=SHA_B)
+    with pytest.raises(InvalidInputError, match="non-negative"):
+        set_min_release(None, world.root, world.release, model="detector", min_release=-1)
+    with pytest.raises(SignatureError, match="is not a targets key"):
+        set_min_release(world.store.get("targets.json"), world.root, world.online, model="detector", min_release=9)
+
+
+@pytest.mark.parametrize(("custom", "expected"), [
+    (None, 0),
+    ({"model": "detector", "min_release": 4}, 4),
+    ({"model": "other", "min_release": 4}, "names model 'other'"),
+    ({"model": "detector"}, "no valid min_release"),
+    ({"model": "detector", "min_release": True}, "no valid min_release"),
+    ({"model": "detector", "min_release": -2}, "no valid min_release"),
+])
+def test_policy_custom_fields_are_checked(custom: dict[str, object] | None, expected: int | str) -> None:
+    if isinstance(expected, int):
+        assert min_release_from_custom(custom, "detector") == expected
+    else:
+        with pytest.raises(SignatureError, match=expected):
+            min_release_from_custom(custom, "detector")
