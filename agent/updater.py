@@ -50,6 +50,7 @@ from fleet.core import update as um
 from fleet.core.bundle import extract_bundle
 from fleet.core.errors import BundleError, FleetError, IntegrityError, SignatureError, StorageFullError
 from fleet.core.manifest import check_name, check_version
+from fleet.core.trust import target_path_for
 from fleet.core.update import UpdateRecord
 
 log = logging.getLogger(__name__)
@@ -401,6 +402,8 @@ class ModelUpdater:
         self._emit(f"update to {version} as {role} started ({event})")
         try:
             self._hook(started.state)
+            if event != um.EV_DOWNLOAD:
+                await self._recheck_signed(version)
         except Exception as exc:
             self._fail(exc)
             return False
@@ -583,6 +586,24 @@ class ModelUpdater:
         if release < min_release:
             raise refuse("release", f"release {release} is below the signed minimum release {min_release} for "
                                     f"{self.model} (rollback to an older release refused)")
+
+    async def _recheck_signed(self, version: str) -> None:
+        """A slot already on disk is about to be used (cached, rollback, promote): the assignment
+        checks run again against the current signed metadata, so a controller cannot send a device
+        back to a cached version the release keys have since forbidden (signed minimum release)."""
+        ref = self._bundle()
+        target_path = str(ref.get("target_path") or target_path_for(self.model, version))
+        await asyncio.to_thread(self.trust.refresh)
+        length, sha, custom = await asyncio.to_thread(self.trust.target_info, target_path)
+        min_release = await asyncio.to_thread(self.trust.min_release, self.model)
+        self._check_signed(ref, length, sha, custom or {}, min_release)
+        slot_sha = self._slot_sha(version)
+        if slot_sha and slot_sha.lower() != sha.lower():
+            raise SignatureError(
+                f"{self.model}:{version}: the cached slot holds bundle {slot_sha} but the release metadata "
+                f"signs {sha}; refusing to use it",
+                reason="assignment", check="sha256", transient=False,
+            )
 
     def _progress(self, done: int, total: int) -> None:
         self._bytes_done, self._bytes_total = done, total

@@ -590,6 +590,35 @@ def test_a_release_below_the_signed_minimum_is_refused(device, releases):
     answers(host, "v3")
 
 
+def test_a_cached_previous_version_below_the_signed_minimum_is_not_rolled_back_to(device, releases):
+    """A broken-into controller sends the device back to v1, still cached on disk, after the release
+    keys raised the minimum: the slot is re-checked against the signed metadata and refused."""
+    install_v1(device, releases)
+    updater, host = device.boot()
+    run(updater.recover())
+    run(updater.apply(assignment(releases["v2"])))
+    answers(host, "v2")
+    device.trust.min_releases[MODEL] = 2
+    run(updater.apply(assignment(releases["v1"])))
+    status = updater.status()
+    assert status["state"] == um.FAILED
+    assert "release 1 is below the signed minimum release 2" in status["error"]
+    answers(host, "v2")
+    assert updater.record.serving_version == "v2"
+
+
+def test_a_cached_slot_whose_target_is_no_longer_signed_is_not_used(device, releases):
+    install_v1(device, releases)
+    updater, host = device.boot()
+    run(updater.recover())
+    run(updater.apply(assignment(releases["v2"])))
+    del device.trust.signed[releases["v1"].target_path]
+    run(updater.apply(assignment(releases["v1"])))
+    assert updater.status()["state"] == um.FAILED
+    assert "no release-signed target" in updater.status()["error"]
+    answers(host, "v2")
+
+
 def test_a_device_whose_hardware_is_listed_accepts_the_bundle(device, releases):
     device.trust.sign_custom(releases["v1"], hardware=["cpu", "jetson-orin"])
     install_v1(device, releases)
