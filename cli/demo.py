@@ -214,7 +214,7 @@ def _story(cluster: Cluster, sm: Any, started: float, timeout: float) -> int:
     subprocess.run(fleet_cmd("keys", "export-root", "--out", str(root), "--keys-dir", str(env_keys),
                              "--controller", cluster.url), check=True, env=cluster.env, stdout=subprocess.DEVNULL)
 
-    console.print(f"2. {cluster.devices} agents enrol over TLS (bounded-use token, CSR) and open mutual-TLS Sync streams")
+    console.print(f"2. {cluster.devices} agents enrol over TLS (bounded-use token, CSR), then sync over mutual TLS")
     token = client.post("/api/v1/enrollment-tokens", json={"max_uses": cluster.devices, "ttl_seconds": 3600,
                                                            "labels": {}})["token"]
     for index in range(cluster.devices):

@@ -18,8 +18,8 @@ from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fleet.controller.api import devices, health, models, rollouts, tokens, trust
 from fleet.controller.api import device_ca as device_ca_api
+from fleet.controller.api import devices, health, models, rollouts, tokens, trust
 from fleet.controller.api import drift as drift_api
 from fleet.controller.api import reports as reports_api
 from fleet.controller.api.errors import error_body, install_error_handlers
