@@ -98,6 +98,69 @@ def peer_certificate(context: grpc.aio.ServicerContext) -> pki.PeerIdentity:
     return pki.peer_identity(bytes(pems[0]))
 
 
+class _Malformed:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _malformed_message(method: str, request: _Malformed) -> str:
+    return f"request to {method} is not a valid protobuf message ({request.error}); check the client's fleet.v1 stubs"
+
+
+class RejectMalformedInterceptor(grpc.aio.ServerInterceptor):
+    """Bytes that do not parse as the method's request become INVALID_ARGUMENT, not UNKNOWN.
+
+    grpc.aio reports a request deserialization failure as UNKNOWN with a logged traceback; here
+    the deserializer returns a marker instead and the handler refuses it with a clear status.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        method = str(handler_call_details.method)
+        parse = handler.request_deserializer
+
+        def safe_parse(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except Exception as exc:  # any parse failure of untrusted bytes
+                return _Malformed(exc)
+
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, _Malformed):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _malformed_message(method, request))
+                return await inner(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, request_deserializer=safe_parse, response_serializer=handler.response_serializer
+            )
+        if handler.stream_stream is not None:
+            inner_stream = handler.stream_stream
+
+            async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async for request in requests:
+                    if isinstance(request, _Malformed):
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _malformed_message(method, request))
+                    yield request
+
+            async def stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async for response in inner_stream(checked(requests, context), context):
+                    yield response
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream, request_deserializer=safe_parse, response_serializer=handler.response_serializer
+            )
+        return handler
+
+
 class AgentService(pb_grpc.AgentServiceServicer):
     def __init__(
         self,
@@ -139,6 +202,8 @@ class AgentService(pb_grpc.AgentServiceServicer):
 
     @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        if isinstance(exc, grpc.aio.AbortError):
+            raise exc  # the status is set already (e.g. a malformed request message)
         code, message = status_for(exc)
         if code == grpc.StatusCode.INTERNAL:
             log.exception("agent RPC failed", exc_info=exc)

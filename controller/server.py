@@ -33,7 +33,7 @@ from fleet.controller.app import create_app
 from fleet.controller.context import ControllerContext, build_context
 from fleet.controller.coordination import LocalCoordinator, PostgresCoordinator
 from fleet.controller.engine import Reconciler
-from fleet.controller.grpc_service import AgentService, DesiredStateHub
+from fleet.controller.grpc_service import AgentService, DesiredStateHub, RejectMalformedInterceptor
 from fleet.controller.settings import ControllerSettings
 from fleet.core.errors import NotFoundError
 from fleet.proto.fleet.v1 import fleet_pb2_grpc as pb_grpc
@@ -158,7 +158,10 @@ class Controller:
             self.coordinator.publish_kick()  # only the leader reconciles
 
     def _grpc_server(self, max_message: int) -> grpc.aio.Server:
-        interceptors = [self.ctx.metrics.grpc_interceptor()] if self.ctx.metrics is not None else []
+        interceptors: list[grpc.aio.ServerInterceptor] = (
+            [self.ctx.metrics.grpc_interceptor()] if self.ctx.metrics is not None else []
+        )
+        interceptors.append(RejectMalformedInterceptor())
         return grpc.aio.server(
             interceptors=interceptors,
             options=[

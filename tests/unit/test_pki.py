@@ -114,7 +114,7 @@ def test_csr_whose_signature_does_not_verify_is_refused() -> None:
     tampered[-3] ^= 0x01  # inside the signature
     pem = (b"-----BEGIN CERTIFICATE REQUEST-----\n" + base64.encodebytes(bytes(tampered))
            + b"-----END CERTIFICATE REQUEST-----\n")
-    with pytest.raises(InvalidInputError, match="signature|not a PEM CSR"):
+    with pytest.raises(InvalidInputError, match=r"signature|not a PEM CSR"):
         pki.load_csr(pem)
 
 
