@@ -116,7 +116,7 @@ def test_agent_with_an_expired_certificate_says_it_must_be_enrolled_again(
         CredentialStore(config.data_dir).save(DeviceCredentials(key_pem, expired.pem))
         (config.data_dir / "identity.json").write_text(json.dumps({"device_id": "cam-1", "secret": "s"}))
         agent = Agent(config)
-        with pytest.raises(FleetError, match="expired .* must be enrolled again"):
+        with pytest.raises(FleetError, match=r"expired .* must be enrolled again"):
             await agent.renew()
         # When it runs without a token, it keeps its inference endpoint up and says why it cannot sync
         caplog.set_level(logging.ERROR, logger="fleet.agent.daemon")
