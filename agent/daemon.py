@@ -6,7 +6,11 @@ Rules this module keeps:
 - the Sync stream reconnects with capped exponential backoff and jitter;
 - telemetry is written to a bounded on-disk spool first and deleted only once the controller
   acknowledges it, so an outage loses nothing but the oldest batches beyond the bound;
-- updates of one model never block another model or the inference endpoint.
+- updates of one model never block another model or the inference endpoint;
+- the device's identity is a client certificate over a key made here (`fleet.agent.identity`):
+  it enrols over server-authenticated TLS on the enrolment port, then speaks only mutual TLS to
+  the device port, renews at two thirds of the certificate's life with a new key and reconnects
+  with it; an expired certificate (or none) stops syncing, with a clear message, never serving.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ import logging
 import os
 import random
 import signal
+import ssl
 import time
 import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +37,7 @@ from prometheus_client import start_http_server
 
 from fleet.agent.atomic import read_json, write_json_atomic
 from fleet.agent.hardware import choose_providers, detect_hardware
+from fleet.agent.identity import CredentialStore, DeviceCredentials, make_key_and_csr
 from fleet.agent.inference import ModelHost, bound_port, start_inference_server
 from fleet.agent.metrics import AgentMetrics
 from fleet.agent.slots import ModelStore
@@ -45,6 +52,9 @@ from fleet.proto.fleet.v1 import fleet_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 AGENT_VERSION = "0.1.0"
 GRPC_MAX_MESSAGE = 16 * 1024 * 1024
+DEFAULT_ENROLL_PORT = 50052
+# A failed renewal is retried after this long (doubling), well before the certificate runs out.
+RENEW_RETRY_S = (5.0, 300.0)
 
 
 @dataclass
@@ -53,6 +63,13 @@ class AgentConfig:
     controller_grpc: str = "127.0.0.1:50051"
     controller_url: str = "http://127.0.0.1:8080"
     trust_root: Path | None = None
+    # The controller's CA (PEM), provisioned with the device: it authenticates the controller
+    # at enrolment. After enrolment the agent keeps its own copy under <data_dir>/tls/ca.pem.
+    ca_cert: Path | None = None
+    # Enrolment address (server-authenticated TLS); default: controller_grpc's host, port 50052.
+    controller_enroll: str | None = None
+    # Name to check the controller's certificate against when the address is not one of its names.
+    tls_server_name: str | None = None
     enroll_token: str | None = None
     device_id: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
@@ -168,11 +185,17 @@ class Agent:
         self.host = ModelHost(profile_dir=self.data_dir / "profiles")
         self.store = ModelStore(self.data_dir)
         self.spool = TelemetrySpool(self.data_dir / "spool", config.spool_max_batches)
-        self.http = httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0), follow_redirects=True)
+        self.credentials = CredentialStore(self.data_dir)
+        self.creds: DeviceCredentials | None = self.credentials.load()
+        self.ca_pem: bytes | None = config.ca_cert.read_bytes() if config.ca_cert else self.credentials.load_ca()
+        self.creds_changed = asyncio.Event()
+        self.identity: dict[str, str] = read_json(self.data_dir / "identity.json", {})
+        self.http = httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0), follow_redirects=True,
+                                 verify=self._http_verify())
+        self._set_http_credentials()
         self.trust = self._trust_client()
         self.updaters: dict[str, ModelUpdater] = {}
         self.workers: dict[str, ModelWorker] = {}
-        self.identity: dict[str, str] = read_json(self.data_dir / "identity.json", {})
         self.desired: dict[str, Any] = read_json(self.data_dir / "desired.json", {})
         self.events: list[dict[str, Any]] = []
         self.state_changed = asyncio.Event()
@@ -197,47 +220,157 @@ class Agent:
             metadata_dir=self.data_dir / "tuf",
             metadata_url=self.config.controller_url.rstrip("/") + "/tuf/",
             trusted_root=trusted,
+            client=self.http,
         )
+
+    def _http_verify(self) -> ssl.SSLContext | bool:
+        """HTTPS to the controller is checked against its CA when the agent has it."""
+        if self.config.controller_url.startswith("https://") and self.ca_pem:
+            return ssl.create_default_context(cadata=self.ca_pem.decode("ascii"))
+        return True
+
+    def _set_http_credentials(self) -> None:
+        """Bundle downloads carry the device's credentials (the REST API may require them)."""
+        if self.identity.get("device_id") and self.identity.get("secret"):
+            self.http.headers["x-fleet-device-id"] = self.identity["device_id"]
+            self.http.headers["authorization"] = f"Bearer {self.identity['secret']}"
 
     # -- identity -------------------------------------------------------------------------
 
+    def _grpc_options(self) -> list[tuple[str, Any]]:
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE),
+            ("grpc.max_send_message_length", GRPC_MAX_MESSAGE),
+            ("grpc.keepalive_time_ms", 20_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+        if self.config.tls_server_name:
+            options.append(("grpc.ssl_target_name_override", self.config.tls_server_name))
+        return options
+
+    def _require_ca(self) -> bytes:
+        if not self.ca_pem:
+            raise FleetError(
+                "the agent needs the controller's CA certificate to connect: pass --ca-cert ca.pem (from "
+                "`fleet controller ca --out ca.pem` or GET /api/v1/trust/ca) or set FLEET_CA_CERT"
+            )
+        return self.ca_pem
+
     def _channel(self) -> grpc.aio.Channel:
-        return grpc.aio.insecure_channel(
-            self.config.controller_grpc,
-            options=[
-                ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE),
-                ("grpc.max_send_message_length", GRPC_MAX_MESSAGE),
-                ("grpc.keepalive_time_ms", 20_000),
-                ("grpc.keepalive_timeout_ms", 10_000),
-                ("grpc.keepalive_permit_without_calls", 1),
-            ],
+        """Mutual TLS to the device port, with the current certificate."""
+        if self.creds is None:
+            raise FleetError("this device has no certificate yet: it must enrol first")
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=self._require_ca(), private_key=self.creds.key_pem, certificate_chain=self.creds.cert_pem
         )
+        return grpc.aio.secure_channel(self.config.controller_grpc, credentials, options=self._grpc_options())
 
-    def _metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("x-fleet-device-id", self.identity["device_id"]),
-                ("authorization", f"Bearer {self.identity['secret']}"))
+    def enroll_address(self) -> str:
+        if self.config.controller_enroll:
+            return self.config.controller_enroll
+        host, _, _port = self.config.controller_grpc.rpartition(":")
+        return f"{host or self.config.controller_grpc}:{DEFAULT_ENROLL_PORT}"
 
-    async def enroll(self, channel: grpc.aio.Channel) -> None:
-        if self.identity.get("device_id") and self.identity.get("secret"):
+    def _identity_problem(self) -> str | None:
+        """Why the agent cannot use its identity as it stands; None when it can."""
+        if self.creds is not None and self.identity.get("device_id"):
+            if self.creds.expired(datetime.now(UTC)):
+                return (f"the device certificate expired at {self.creds.not_after.isoformat()} and can no longer "
+                        "be renewed: this device must be enrolled again with a new token "
+                        f"(`fleet tokens create --device-id {self.identity['device_id']}`, then --token); "
+                        "it keeps serving its models meanwhile")
+            return None
+        if self.identity.get("device_id"):
+            return (f"device {self.identity['device_id']} was enrolled before the controller issued device "
+                    "certificates: it must be enrolled again with a new token "
+                    f"(`fleet tokens create --device-id {self.identity['device_id']}`, then --token)")
+        return "this device has no identity yet: pass an enrolment token (--token or FLEET_ENROLL_TOKEN)"
+
+    async def ensure_identity(self) -> None:
+        """Enrol when the device has no usable certificate (and a token to do it with)."""
+        problem = self._identity_problem()
+        if problem is None:
             return
         if not self.config.enroll_token:
-            raise FleetError("this device has no identity yet: pass an enrolment token (--token or FLEET_ENROLL_TOKEN)")
-        stub = pb_grpc.AgentServiceStub(channel)
-        response = await stub.Enroll(
-            pb.EnrollRequest(
-                token=self.config.enroll_token,
-                requested_id=self.config.device_id or os.uname().nodename,
-                labels=self.config.labels,
-                hardware=convert.hardware_to_pb(self.hardware),
-                agent_version=AGENT_VERSION,
-            ),
-            timeout=15,
-        )
+            raise FleetError(problem)
+        ca = self._require_ca()
+        requested = self.config.device_id or self.identity.get("device_id") or os.uname().nodename
+        key_pem, csr_pem = make_key_and_csr(requested)
+        credentials = grpc.ssl_channel_credentials(root_certificates=ca)
+        async with grpc.aio.secure_channel(self.enroll_address(), credentials, options=self._grpc_options()) as channel:
+            stub = pb_grpc.AgentServiceStub(channel)
+            try:
+                response = await stub.Enroll(
+                    pb.EnrollRequest(
+                        token=self.config.enroll_token,
+                        requested_id=requested,
+                        labels=self.config.labels,
+                        hardware=convert.hardware_to_pb(self.hardware),
+                        agent_version=AGENT_VERSION,
+                        csr_pem=csr_pem,
+                    ),
+                    timeout=15,
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+                                  grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
+                    raise FleetError(f"enrolment refused: {exc.details()}. Before that: {problem}") from exc
+                raise
+        creds = DeviceCredentials(key_pem, bytes(response.certificate_pem))
+        self.credentials.save(creds)
+        if response.ca_pem and not self.config.ca_cert:
+            self.credentials.save_ca(bytes(response.ca_pem))
+            self.ca_pem = bytes(response.ca_pem)
+        self.creds = creds
         self.identity = {"device_id": response.device_id, "secret": response.device_secret}
         path = self.data_dir / "identity.json"
         write_json_atomic(path, self.identity)
         os.chmod(path, 0o600)
-        log.info("enrolled as %s", response.device_id)
+        self._set_http_credentials()
+        log.info("enrolled as %s (certificate valid until %s)", response.device_id, creds.not_after.isoformat())
+
+    async def renew(self) -> None:
+        """A new key and certificate over the current mutual-TLS identity; streams reconnect with it."""
+        if self.creds is None:
+            raise FleetError("no certificate to renew: the device must enrol first")
+        if self.creds.expired(datetime.now(UTC)):
+            raise FleetError(self._identity_problem() or "the device certificate expired")
+        key_pem, csr_pem = make_key_and_csr(self.identity.get("device_id", ""))
+        async with self._channel() as channel:
+            response = await pb_grpc.AgentServiceStub(channel).RenewCertificate(
+                pb.RenewRequest(csr_pem=csr_pem), timeout=15
+            )
+        creds = DeviceCredentials(key_pem, bytes(response.certificate_pem))
+        self.credentials.save(creds)
+        self.creds = creds
+        self.creds_changed.set()
+        log.info("renewed the device certificate (valid until %s)", creds.not_after.isoformat())
+
+    async def renew_forever(self) -> None:
+        retry = RENEW_RETRY_S[0]
+        while not self.stop_event.is_set():
+            creds = self.creds
+            now = datetime.now(UTC)
+            # Without a usable certificate the sync loop enrols (or says why it cannot): look again soon.
+            usable = creds is not None and not creds.expired(now)
+            delay = max(0.0, (creds.renew_at - now).total_seconds()) if creds is not None and usable else 5.0
+            if delay > 0:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.stop_event.wait(), timeout=min(delay, 3600.0))
+                continue
+            try:
+                await self.renew()
+                retry = RENEW_RETRY_S[0]
+                continue
+            except grpc.aio.AioRpcError as exc:
+                log.warning("certificate renewal failed (%s): %s; retrying in %.0fs", exc.code().name,
+                            exc.details(), retry)
+            except FleetError as exc:
+                log.error("certificate renewal failed: %s", exc)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), timeout=retry)
+            retry = min(retry * 2, RENEW_RETRY_S[1])
 
     # -- desired and actual state ---------------------------------------------------------
 
@@ -348,21 +481,41 @@ class Agent:
     async def sync_forever(self) -> None:
         backoff = 0.5
         while not self.stop_event.is_set():
-            channel = self._channel()
+            channel: grpc.aio.Channel | None = None
             try:
-                await self.enroll(channel)
+                await self.ensure_identity()
+                self.creds_changed.clear()
+                channel = self._channel()
                 stub = pb_grpc.AgentServiceStub(channel)
-                call = stub.Sync(self._outgoing(), metadata=self._metadata())
-                async for message in call:
-                    if not self.connected:
-                        self.connected = True
-                        backoff = 0.5
-                        log.info("connected to controller %s", self.config.controller_grpc)
-                    if message.WhichOneof("kind") == "desired":
-                        desired = convert.desired_from_pb(message.desired)
-                        if desired.get("generation") != self.desired.get("generation") or desired != self.desired:
-                            log.info("desired state generation %s", desired.get("generation"))
-                            self.apply_desired(desired)
+                call = stub.Sync(self._outgoing())
+                renewed = asyncio.create_task(self.creds_changed.wait())
+                try:
+                    while True:
+                        read = asyncio.ensure_future(call.read())
+                        done, _ = await asyncio.wait({read, renewed}, return_when=asyncio.FIRST_COMPLETED)
+                        if read not in done:
+                            # A new certificate: reconnect with it (the old one stays valid meanwhile).
+                            call.cancel()
+                            read.cancel()
+                            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                                await read
+                            log.info("reconnecting with the renewed certificate")
+                            backoff = 0.0
+                            break
+                        message = read.result()
+                        if message is grpc.aio.EOF:
+                            break
+                        if not self.connected:
+                            self.connected = True
+                            backoff = 0.5
+                            log.info("connected to controller %s", self.config.controller_grpc)
+                        if message.WhichOneof("kind") == "desired":
+                            desired = convert.desired_from_pb(message.desired)
+                            if desired.get("generation") != self.desired.get("generation") or desired != self.desired:
+                                log.info("desired state generation %s", desired.get("generation"))
+                                self.apply_desired(desired)
+                finally:
+                    renewed.cancel()
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                     log.error("controller refused this device: %s", exc.details())
@@ -372,9 +525,10 @@ class Agent:
                 log.error("%s", exc)
             finally:
                 self.connected = False
-                await channel.close()
+                if channel is not None:
+                    await channel.close()
             delay = backoff * (0.5 + random.random())
-            backoff = min(backoff * 2, 30.0)
+            backoff = min(max(backoff, 0.25) * 2, 30.0)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stop_event.wait(), timeout=delay)
 
@@ -391,6 +545,7 @@ class Agent:
 
     async def telemetry_forever(self) -> None:
         channel: grpc.aio.Channel | None = None
+        channel_creds: DeviceCredentials | None = None
         while not self.stop_event.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stop_event.wait(), timeout=self.config.telemetry_interval_s)
@@ -401,12 +556,17 @@ class Agent:
             if not batches:
                 continue
             try:
+                if channel is not None and channel_creds is not self.creds:
+                    await channel.close()  # renewed: use the new certificate
+                    channel = None
                 if channel is None:
-                    channel = self._channel()
+                    channel, channel_creds = self._channel(), self.creds
                 stub = pb_grpc.AgentServiceStub(channel)
                 report = convert.report_to_pb(self.identity["device_id"], batches, self.actual_state())
-                ack = await stub.ReportTelemetry(report, metadata=self._metadata(), timeout=10)
+                ack = await stub.ReportTelemetry(report, timeout=10)
                 self.spool.ack(list(ack.stored))
+            except FleetError as exc:
+                log.debug("telemetry kept in the spool: %s", exc)
             except grpc.aio.AioRpcError as exc:
                 log.debug("telemetry not delivered (%s); kept in the spool", exc.code().name)
                 if channel is not None:
@@ -431,7 +591,8 @@ class Agent:
                            "pid": os.getpid()})
         log.info("inference endpoint on port %s", self.inference_port)
         await self.recover()
-        tasks = [asyncio.create_task(self.sync_forever()), asyncio.create_task(self.telemetry_forever())]
+        tasks = [asyncio.create_task(self.sync_forever()), asyncio.create_task(self.telemetry_forever()),
+                 asyncio.create_task(self.renew_forever())]
         try:
             await self.stop_event.wait()
         finally:

@@ -46,6 +46,9 @@ class Cluster:
         self.devices = devices
         self.http_port = free_port()
         self.grpc_port = free_port()
+        self.grpc_enroll_port = free_port()
+        # Made by the controller on its first start; agents pin it to authenticate the controller.
+        self.ca_cert = workdir / "controller" / "tls" / "ca.pem"
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.env = {**os.environ, "FLEET_KEYS_DIR": str(workdir / "keys"), "FLEET_URL": self.url,
@@ -60,7 +63,12 @@ class Cluster:
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
         self._spawn("controller", fleet_cmd(
             "controller", "serve", "--data-dir", str(self.workdir / "controller"),
-            "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port), "--reconcile-interval", "0.5"))
+            "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
+            "--grpc-enroll-port", str(self.grpc_enroll_port), "--reconcile-interval", "0.5"))
+
+    def agent_tls_args(self) -> list[str]:
+        """How an agent finds and authenticates the controller: its CA and the enrolment port."""
+        return ["--ca-cert", str(self.ca_cert), "--controller-enroll", f"127.0.0.1:{self.grpc_enroll_port}"]
 
     def start_agent(self, index: int, token: str, trust_root: Path) -> None:
         site = "north" if index % 2 == 0 else "south"
@@ -70,7 +78,7 @@ class Cluster:
             "--trust-root", str(trust_root), "--token", token, "--device-id", f"cam-{index:02d}",
             "--label", f"site={site}", "--label", "kind=camera", "--inference-addr", "127.0.0.1:0",
             "--metrics-addr", "127.0.0.1:0",
-            "--traffic", "synthetic", "--traffic-rate", "25"))
+            "--traffic", "synthetic", "--traffic-rate", "25", *self.agent_tls_args()))
 
     def check_alive(self) -> None:
         for name, proc in self.procs.items():
@@ -206,7 +214,7 @@ def _story(cluster: Cluster, sm: Any, started: float, timeout: float) -> int:
     subprocess.run(fleet_cmd("keys", "export-root", "--out", str(root), "--keys-dir", str(env_keys),
                              "--controller", cluster.url), check=True, env=cluster.env, stdout=subprocess.DEVNULL)
 
-    console.print(f"2. {cluster.devices} agents enrol with a bounded-use token and open their Sync streams")
+    console.print(f"2. {cluster.devices} agents enrol over TLS (bounded-use token, CSR), then sync over mutual TLS")
     token = client.post("/api/v1/enrollment-tokens", json={"max_uses": cluster.devices, "ttl_seconds": 3600,
                                                            "labels": {}})["token"]
     for index in range(cluster.devices):

@@ -87,7 +87,9 @@ def controller_serve(
     http_host: Annotated[str, typer.Option(envvar="FLEET_HTTP_HOST")] = "127.0.0.1",
     http_port: Annotated[int, typer.Option(envvar="FLEET_HTTP_PORT")] = 8080,
     grpc_host: Annotated[str, typer.Option(envvar="FLEET_GRPC_HOST")] = "127.0.0.1",
-    grpc_port: Annotated[int, typer.Option(envvar="FLEET_GRPC_PORT")] = 50051,
+    grpc_port: Annotated[int, typer.Option(envvar="FLEET_GRPC_PORT", help="Device port (mutual TLS).")] = 50051,
+    grpc_enroll_port: Annotated[int, typer.Option(envvar="FLEET_GRPC_ENROLL_PORT", help="Enrolment port (TLS).")] = 50052,
+    tls_server_names: Annotated[str | None, typer.Option(envvar="FLEET_TLS_SERVER_NAMES", help="Comma-separated names and IPs for the server certificate.")] = None,
     public_url: Annotated[str | None, typer.Option(envvar="FLEET_PUBLIC_URL", help="URL agents use to download bundles.")] = None,
     reconcile_interval: Annotated[float, typer.Option(envvar="FLEET_RECONCILE_INTERVAL_S", help="Seconds between reconciler passes.")] = 1.0,
     log_level: Annotated[str, typer.Option(envvar="FLEET_LOG_LEVEL")] = "info",
@@ -99,13 +101,28 @@ def controller_serve(
     _log_setup(log_level)
     overrides: dict[str, Any] = {
         "http_host": http_host, "http_port": http_port, "grpc_host": grpc_host, "grpc_port": grpc_port,
-        "reconcile_interval_s": reconcile_interval,
+        "grpc_enroll_port": grpc_enroll_port, "reconcile_interval_s": reconcile_interval,
     }
     for key, value in (("data_dir", data_dir), ("db_url", db_url), ("artifact_dir", artifact_dir),
-                       ("public_url", public_url)):
+                       ("public_url", public_url), ("tls_server_names", tls_server_names)):
         if value is not None:
             overrides[key] = value
     run(ControllerSettings(**overrides))
+
+
+@controller_app.command("ca")
+def controller_ca(
+    out: Annotated[Path | None, typer.Option("--out", help="Write the PEM here (default: print it).")] = None,
+    controller: ControllerOpt = None,
+) -> None:
+    """Fetch the controller's device CA certificate, to provision agents with (`fleet agent run --ca-cert`)."""
+    pem = Client(controller).get("/api/v1/trust/ca")
+    data = pem if isinstance(pem, bytes) else str(pem).encode()
+    if out is None:
+        sys.stdout.write(data.decode())
+        return
+    out.write_bytes(data)
+    console.print(f"device CA certificate written to {out}")
 
 
 agent_app = typer.Typer(help="Run the device agent.", no_args_is_help=True)
@@ -118,6 +135,9 @@ def agent_run(
     controller_grpc: Annotated[str, typer.Option(envvar="FLEET_CONTROLLER_GRPC", help="Controller gRPC address.")] = "127.0.0.1:50051",
     controller_url: Annotated[str, typer.Option(envvar="FLEET_URL", help="Controller HTTP URL (bundles, metadata).")] = "http://127.0.0.1:8080",
     trust_root: Annotated[Path | None, typer.Option(envvar="FLEET_TRUST_ROOT", help="Provisioned release root metadata (root.json).")] = None,
+    ca_cert: Annotated[Path | None, typer.Option(envvar="FLEET_CA_CERT", help="The controller's CA certificate (PEM).")] = None,
+    controller_enroll: Annotated[str | None, typer.Option(envvar="FLEET_CONTROLLER_ENROLL", help="Enrolment address (default: gRPC host, port 50052).")] = None,
+    tls_server_name: Annotated[str | None, typer.Option(envvar="FLEET_TLS_SERVER_NAME", help="Controller certificate name to expect, if not the address's host.")] = None,
     token: Annotated[str | None, typer.Option(envvar="FLEET_ENROLL_TOKEN", help="Enrolment token for the first start.")] = None,
     device_id: Annotated[str | None, typer.Option(envvar="FLEET_DEVICE_ID", help="Requested device id (default: hostname).")] = None,
     label: Annotated[list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE, repeatable.")] = None,
@@ -139,6 +159,7 @@ def agent_run(
     _log_setup(log_level)
     config = AgentConfig(
         data_dir=data_dir, controller_grpc=controller_grpc, controller_url=controller_url, trust_root=trust_root,
+        ca_cert=ca_cert, controller_enroll=controller_enroll, tls_server_name=tls_server_name,
         enroll_token=token, device_id=device_id, labels=parse_labels(label), hardware_class=hardware_class,
         inference_addr=inference_addr, metrics_addr=metrics_addr, threads=threads, traffic=traffic, traffic_rate=traffic_rate,
         traffic_model=traffic_model,
@@ -404,6 +425,16 @@ def devices_show(device_id: str, controller: ControllerOpt = None, output: Outpu
                for e in events[:10]])
 
 
+@devices_app.command("decommission")
+def devices_decommission(device_id: str, controller: ControllerOpt = None, output: OutputOpt = "table") -> None:
+    """Revoke a device's identity: its certificate is refused from now on and its stream ends."""
+    data = Client(controller).post(f"/api/v1/devices/{device_id}/decommission")
+    if _json(output):
+        emit_json(data)
+    else:
+        console.print(f"device {device_id} decommissioned; enrol it again with a new token to bring it back")
+
+
 tokens_app = typer.Typer(help="Enrolment tokens for new devices.", no_args_is_help=True)
 app.add_typer(tokens_app, name="tokens")
 
@@ -413,12 +444,15 @@ def tokens_create(
     uses: Annotated[int, typer.Option(help="How many devices may enrol with it.")] = 1,
     ttl: Annotated[str, typer.Option(help="Lifetime, e.g. 1h or 30m.")] = "1h",
     label: Annotated[list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE given to devices enrolling with it.")] = None,
+    device_id: Annotated[str | None, typer.Option("--device-id", help="Only this device id may enrol with it (also re-enrols it).")] = None,
     controller: ControllerOpt = None,
     output: OutputOpt = "table",
 ) -> None:
     """Create an enrolment token (its plain text is shown only now)."""
-    data = Client(controller).post("/api/v1/enrollment-tokens", json={
-        "max_uses": uses, "ttl_seconds": int(parse_duration(ttl)), "labels": parse_labels(label)})
+    body: dict[str, Any] = {"max_uses": uses, "ttl_seconds": int(parse_duration(ttl)), "labels": parse_labels(label)}
+    if device_id:
+        body["device_id"] = device_id
+    data = Client(controller).post("/api/v1/enrollment-tokens", json=body)
     if _json(output):
         emit_json(data)
     else:

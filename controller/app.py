@@ -21,6 +21,7 @@ from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fleet.controller.api import device_ca as device_ca_api
 from fleet.controller.api import devices, health, models, rollouts, tokens, trust
 from fleet.controller.api import drift as drift_api
 from fleet.controller.api import reports as reports_api
@@ -234,6 +235,7 @@ def create_app(ctx: ControllerContext) -> FastAPI:
         rollouts.router,
         trust.router,
         trust.tuf_router,
+        device_ca_api.router,
         drift_api.router,
         reports_api.router,
         web_router,  # the dashboard: `/` redirects to `/ui/`

@@ -10,7 +10,13 @@ Rules this module enforces:
   apart. A use is counted with a conditional UPDATE, so two devices racing for the last use of
   a token cannot both win, on SQLite or PostgreSQL.
 - A device id is taken once: enrolling an id that is already enrolled is a `ConflictError`
-  (the running device keeps its identity); a decommissioned id may be enrolled again.
+  (the running device keeps its identity); a decommissioned id may be enrolled again, and so
+  may an enrolled one with a token the operator pre-authorised for exactly that id (a device
+  whose certificate expired offline). Either way the old certificate stops working.
+- A token pre-authorised to a device id enrols that id only.
+- A device's gRPC identity is its client certificate: the controller accepts the serial it
+  issued last (`cert_serial`) and, until that certificate expires, the one it replaced
+  (`prev_cert_serial`); a decommissioned device has none.
 - Labels decide which rollouts reach a device, so the operator's word wins: labels attached to
   the enrolment token override labels the device proposes for the same key, and a later
   `hello` may add new label keys but never changes an existing one.
@@ -26,7 +32,7 @@ import hashlib
 import hmac
 import re
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -35,6 +41,7 @@ from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.orm import Session
 
 from fleet.controller.models import Device, EnrollmentToken, TelemetryBatchSeen, TelemetryWindow, UpdateEvent
+from fleet.controller.pki import IssuedCertificate, PeerIdentity
 from fleet.core import rollout as rollout_rules
 from fleet.core.errors import (
     AuthenticationError,
@@ -109,13 +116,26 @@ def sanitize_device_id(requested: str) -> str:
 
 
 def create_enrollment_token(
-    session: Session, *, max_uses: int = 1, ttl_s: float = 3600, labels: Mapping[str, Any] | None = None
+    session: Session,
+    *,
+    max_uses: int = 1,
+    ttl_s: float = 3600,
+    labels: Mapping[str, Any] | None = None,
+    device_id: str | None = None,
 ) -> tuple[str, EnrollmentToken]:
-    """A new bootstrap token. The plaintext is returned here once and never stored."""
+    """A new bootstrap token. The plaintext is returned here once and never stored.
+
+    With `device_id`, only a device enrolling under exactly that id may use it.
+    """
     if isinstance(max_uses, bool) or not 1 <= max_uses <= MAX_TOKEN_USES:
         raise InvalidInputError(f"max_uses must be between 1 and {MAX_TOKEN_USES}, got {max_uses}")
     if not 0 < ttl_s <= MAX_TOKEN_TTL_S:
         raise InvalidInputError(f"ttl must be between 1 second and {MAX_TOKEN_TTL_S} seconds, got {ttl_s}")
+    if device_id is not None and not DEVICE_ID_RE.match(device_id):
+        raise InvalidInputError(
+            f"device id {device_id!r} must be 1-63 lowercase letters, digits, '.', '_' or '-', starting with "
+            "a letter or digit"
+        )
     plaintext = secrets.token_urlsafe(32)
     now = _now()
     token = EnrollmentToken(
@@ -127,6 +147,7 @@ def create_enrollment_token(
         labels=check_labels(labels, what="token labels"),
         created_at=now,
         revoked=False,
+        device_id=device_id,
     )
     session.add(token)
     session.flush()
@@ -146,7 +167,8 @@ def revoke_enrollment_token(session: Session, token_id: str) -> EnrollmentToken:
     return token
 
 
-def _use_token(session: Session, plaintext: str) -> EnrollmentToken:
+def _find_token(session: Session, plaintext: str) -> EnrollmentToken:
+    """The token for this plaintext if it may still be used; its use is not counted yet."""
     if not plaintext:
         raise AuthenticationError("an enrolment token is required: create one with the controller's API")
     token = session.scalar(
@@ -161,6 +183,15 @@ def _use_token(session: Session, plaintext: str) -> EnrollmentToken:
             f"enrolment token {token.id} expired at {token.expires_at.isoformat()}; create a new one",
             token_id=token.id,
         )
+    if token.uses >= token.max_uses:
+        raise AuthenticationError(
+            f"enrolment token {token.id} has been used up ({token.max_uses} of {token.max_uses} uses)",
+            token_id=token.id,
+        )
+    return token
+
+
+def _consume_token(session: Session, token: EnrollmentToken) -> EnrollmentToken:
     # Conditional increment: only one of several concurrent enrolments can take the last use.
     result = session.execute(
         update(EnrollmentToken)
@@ -188,21 +219,36 @@ def enroll(
     labels: Mapping[str, Any] | None,
     hardware: Mapping[str, Any] | None,
     agent_version: str,
+    issue: Callable[[str], IssuedCertificate] | None = None,
 ) -> tuple[Device, str]:
-    """Trade a bootstrap token for a device identity; returns the device and its secret (plaintext)."""
+    """Trade a bootstrap token for a device identity; returns the device and its secret (plaintext).
+
+    `issue(device_id)` signs the device's certificate (the caller checked the CSR already); its
+    serial and expiry are stored on the device. Refusals never burn a use of the token.
+    """
     device_labels = check_labels(labels, what="device labels")
+    found = _find_token(session, token)
+    if found.device_id and not (requested_id or "").strip():
+        requested_id = found.device_id  # a pre-authorised token names the device by itself
     device_id = sanitize_device_id(requested_id)
+    if found.device_id and found.device_id != device_id:
+        raise AuthenticationError(
+            f"enrolment token {found.id} is pre-authorised for device {found.device_id!r}, not {device_id!r}",
+            token_id=found.id,
+        )
     existing = session.get(Device, device_id)
-    # Check the id before using the token, so a refused enrolment does not burn a use.
-    if existing is not None and not existing.decommissioned:
+    # An enrolled id is replaced only with a token the operator made for exactly that id.
+    if existing is not None and not existing.decommissioned and found.device_id != device_id:
         raise ConflictError(
-            f"device id {device_id!r} is already enrolled; decommission it first or enrol under another id",
+            f"device id {device_id!r} is already enrolled; decommission it first, enrol under another id, or "
+            f"enrol it again with a token made for it (`fleet tokens create --device-id {device_id}`)",
             device_id=device_id,
         )
-    used = _use_token(session, token)
+    used = _consume_token(session, found)
     merged = {**device_labels, **(used.labels or {})}  # the token's (operator's) labels win
     secret = secrets.token_urlsafe(32)
     now = _now()
+    issued = issue(device_id) if issue is not None else None
     if existing is None:
         device = Device(
             id=device_id,
@@ -233,11 +279,69 @@ def enroll(
         device.connected = False
         device.actual = {}
         device.decommissioned = False
+        device.decommissioned_at = None
+    # A new identity: no earlier certificate of this id is accepted any more.
+    device.cert_serial = issued.serial if issued is not None else None
+    device.cert_not_after = issued.not_after if issued is not None else None
+    device.prev_cert_serial = None
     try:
         session.flush()
     except DBIntegrityError as exc:  # another enrolment took the id between our read and insert
         raise ConflictError(f"device id {device_id!r} is already enrolled", device_id=device_id) from exc
     return device, secret
+
+
+def renew_certificate(
+    session: Session, peer: PeerIdentity, issue: Callable[[str], IssuedCertificate], now: datetime | None = None
+) -> IssuedCertificate:
+    """A new certificate for the device a valid certificate names; that one stays valid until it expires.
+
+    The certificate that asked becomes the previous one (normally it is the current one; after
+    a renewal whose answer was lost, it is the previous one, and the lost one is dropped).
+    """
+    device = authenticate_certificate(session, peer, now)
+    issued = issue(device.id)
+    device.prev_cert_serial = peer.serial
+    device.cert_serial = issued.serial
+    device.cert_not_after = issued.not_after
+    device.last_seen_at = _now()
+    session.flush()
+    return issued
+
+
+def authenticate_certificate(session: Session, peer: PeerIdentity, now: datetime | None = None) -> Device:
+    """The device a verified client certificate belongs to, if that certificate is still its own.
+
+    The TLS layer has checked the CA's signature and the validity period at the handshake;
+    this adds what only the database knows (decommissioned, superseded) and the expiry again,
+    because a long-lived stream outlives its handshake.
+    """
+    now = now or _now()
+    device = session.get(Device, peer.device_id)
+    if device is None:
+        raise PermissionDeniedError(
+            f"device {peer.device_id!r} is not enrolled: certificate revoked; enrol the device again",
+            device_id=peer.device_id,
+        )
+    if device.decommissioned:
+        raise PermissionDeniedError(
+            f"device {peer.device_id!r} decommissioned: its certificate is revoked; enrol it again with a new token",
+            device_id=peer.device_id,
+        )
+    if peer.not_after <= now:
+        raise PermissionDeniedError(
+            f"certificate of device {peer.device_id!r} expired at {peer.not_after.isoformat()}; "
+            "enrol the device again with a new token",
+            device_id=peer.device_id,
+        )
+    accepted = [s for s in (device.cert_serial, device.prev_cert_serial) if s]
+    if not any(hmac.compare_digest(peer.serial, s) for s in accepted):
+        raise PermissionDeniedError(
+            f"certificate {peer.serial} of device {peer.device_id!r} revoked (superseded by a newer one or "
+            "by a new enrolment)",
+            device_id=peer.device_id,
+        )
+    return device
 
 
 def get_device(session: Session, device_id: str) -> Device:
@@ -348,7 +452,11 @@ def decommission_device(session: Session, device_id: str) -> Device:
     """Revoke a device's identity: its credentials stop working at once."""
     device = get_device(session, device_id)
     device.decommissioned = True
+    device.decommissioned_at = device.decommissioned_at or _now()
     device.connected = False
+    device.cert_serial = None
+    device.prev_cert_serial = None
+    device.cert_not_after = None
     session.flush()
     return device
 

@@ -4,6 +4,12 @@ Thin by design: every rule lives in `fleet.controller.devices`, `fleet.controlle
 the reconciler; this module authenticates the caller, converts protobuf at the edge
 (`fleet.proto.convert`) and runs blocking database work off the event loop.
 
+Who the caller is comes from one place only: the client certificate the TLS layer verified
+(`context.auth_context()`), read by `fleet.controller.pki.peer_identity`. Device ids in
+messages (`Hello.device_id`, `TelemetryReport.device_id`) or metadata are never trusted; a
+message naming another device than the certificate is refused. A call without a client
+certificate (the enrolment port) may only Enroll.
+
 Desired state is pushed, not polled: when the reconciler (or an enrolment) changes the desired
 state of some devices it calls `DesiredStateHub.notify`, which wakes exactly those devices'
 streams; each stream then reads the stored state and sends it if its generation moved.
@@ -16,12 +22,14 @@ import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import grpc
 
 from fleet.controller import desired as desired_svc
 from fleet.controller import devices as devices_svc
+from fleet.controller import pki
 from fleet.controller.context import ControllerContext
 from fleet.core.errors import AuthenticationError, FleetError, InvalidInputError, PermissionDeniedError
 from fleet.proto import convert
@@ -32,7 +40,6 @@ from fleet.proto.fleet.v1 import fleet_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DEVICE_ID_HEADER = "x-fleet-device-id"
 # A stream with nothing to say still sends a keep-alive notice this often, so dead peers are noticed.
 KEEPALIVE_S = 15.0
 
@@ -80,11 +87,94 @@ class DesiredStateHub:
             self._loop.call_soon_threadsafe(event.set)
 
 
+def peer_certificate(context: grpc.aio.ServicerContext) -> pki.PeerIdentity:
+    """The identity in the client certificate the TLS handshake verified; no certificate, no identity."""
+    auth = context.auth_context() or {}
+    pems = auth.get("x509_pem_cert") or []
+    if not pems:
+        raise AuthenticationError(
+            "no client certificate: call the device port with the certificate from enrolment (mutual TLS)"
+        )
+    return pki.peer_identity(bytes(pems[0]))
+
+
+class _Malformed:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _malformed_message(method: str, request: _Malformed) -> str:
+    return f"request to {method} is not a valid protobuf message ({request.error}); check the client's fleet.v1 stubs"
+
+
+class RejectMalformedInterceptor(grpc.aio.ServerInterceptor):
+    """Bytes that do not parse as the method's request become INVALID_ARGUMENT, not UNKNOWN.
+
+    grpc.aio reports a request deserialization failure as UNKNOWN with a logged traceback; here
+    the deserializer returns a marker instead and the handler refuses it with a clear status.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        method = str(handler_call_details.method)
+        parse = handler.request_deserializer
+
+        def safe_parse(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except Exception as exc:  # any parse failure of untrusted bytes
+                return _Malformed(exc)
+
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, _Malformed):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _malformed_message(method, request))
+                return await inner(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, request_deserializer=safe_parse, response_serializer=handler.response_serializer
+            )
+        if handler.stream_stream is not None:
+            inner_stream = handler.stream_stream
+
+            async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async for request in requests:
+                    if isinstance(request, _Malformed):
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _malformed_message(method, request))
+                    yield request
+
+            async def stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async for response in inner_stream(checked(requests, context), context):
+                    yield response
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream, request_deserializer=safe_parse, response_serializer=handler.response_serializer
+            )
+        return handler
+
+
 class AgentService(pb_grpc.AgentServiceServicer):
-    def __init__(self, ctx: ControllerContext, hub: DesiredStateHub, kick: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        ctx: ControllerContext,
+        hub: DesiredStateHub,
+        kick: Callable[[], None],
+        ca: pki.CertificateAuthority,
+        cert_ttl: timedelta,
+    ) -> None:
         self.ctx = ctx
         self.hub = hub
         self.kick = kick
+        self.ca = ca
+        self.cert_ttl = cert_ttl
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -97,18 +187,23 @@ class AgentService(pb_grpc.AgentServiceServicer):
 
         return await asyncio.to_thread(work)
 
-    async def _authenticate(self, context: grpc.aio.ServicerContext) -> str:
-        metadata = dict(context.invocation_metadata() or ())
-        device_id = str(metadata.get(DEVICE_ID_HEADER, ""))
-        auth = str(metadata.get("authorization", ""))
-        if not device_id or not auth.lower().startswith("bearer "):
-            raise AuthenticationError("device credentials missing: enrol first")
-        secret = auth[7:].strip()
-        await self._db(devices_svc.authenticate, device_id, secret)
-        return device_id
+    async def _authenticate(self, context: grpc.aio.ServicerContext) -> pki.PeerIdentity:
+        peer = peer_certificate(context)
+        await self._db(devices_svc.authenticate_certificate, peer)
+        return peer
+
+    def _issuer(self, csr_pem: bytes) -> Callable[[str], pki.IssuedCertificate]:
+        csr = pki.load_csr(csr_pem)  # checked before any database work, so a bad CSR burns no token
+
+        def issue(device_id: str) -> pki.IssuedCertificate:
+            return pki.sign_device_csr(self.ca, csr, device_id, datetime.now(UTC), self.cert_ttl)
+
+        return issue
 
     @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        if isinstance(exc, grpc.aio.AbortError):
+            raise exc  # the status is set already (e.g. a malformed request message)
         code, message = status_for(exc)
         if code == grpc.StatusCode.INTERNAL:
             log.exception("agent RPC failed", exc_info=exc)
@@ -123,6 +218,12 @@ class AgentService(pb_grpc.AgentServiceServicer):
     async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext) -> pb.EnrollResponse:
         try:
             hardware = convert.hardware_from_pb(request.hardware)
+            issue = self._issuer(request.csr_pem)
+            issued: list[pki.IssuedCertificate] = []
+
+            def issue_once(device_id: str) -> pki.IssuedCertificate:
+                issued.append(issue(device_id))
+                return issued[-1]
 
             def enroll(session: Any) -> tuple[Any, str, list[str]]:
                 device, secret = devices_svc.enroll(
@@ -132,6 +233,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
                     labels=dict(request.labels),
                     hardware=hardware,
                     agent_version=request.agent_version,
+                    issue=issue_once,
                 )
                 changed = desired_svc.refresh_desired(self.ctx, session, [device.id])
                 return device, secret, changed
@@ -140,23 +242,42 @@ class AgentService(pb_grpc.AgentServiceServicer):
         except Exception as exc:
             await self._abort(context, exc)
             raise  # unreachable: abort raises
-        log.info("device %s enrolled", device.id)
-        self._changed(changed)
+        cert = issued[-1]
+        log.info("device %s enrolled (certificate %s until %s)", device.id, cert.serial, cert.not_after.isoformat())
+        # A stream still open under an earlier identity of this id re-checks its certificate and ends.
+        self._changed(sorted({*changed, device.id}))
         self.kick()
-        return pb.EnrollResponse(device_id=device.id, device_secret=secret, labels=dict(device.labels or {}))
+        return pb.EnrollResponse(
+            device_id=device.id, device_secret=secret, labels=dict(device.labels or {}),
+            certificate_pem=cert.pem, ca_pem=self.ca.cert_pem, not_after_ms=int(cert.not_after.timestamp() * 1000),
+        )
+
+    async def RenewCertificate(self, request: pb.RenewRequest, context: grpc.aio.ServicerContext) -> pb.RenewResponse:
+        try:
+            peer = peer_certificate(context)
+            issue = self._issuer(request.csr_pem)
+            cert = await self._db(devices_svc.renew_certificate, peer, issue)
+        except Exception as exc:
+            await self._abort(context, exc)
+            raise
+        log.info("device %s renewed its certificate (%s until %s)", peer.device_id, cert.serial,
+                 cert.not_after.isoformat())
+        return pb.RenewResponse(certificate_pem=cert.pem, ca_pem=self.ca.cert_pem,
+                                not_after_ms=int(cert.not_after.timestamp() * 1000))
 
     async def Sync(
         self, request_iterator: AsyncIterator[pb.AgentMessage], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ControllerMessage]:
         try:
-            device_id = await self._authenticate(context)
+            peer = await self._authenticate(context)
+            device_id = peer.device_id
             first = await anext(aiter(request_iterator), None)
             if first is None or first.WhichOneof("kind") != "hello":
                 raise InvalidInputError("the first Sync message must be a hello")
             hello = first.hello
             if hello.device_id and hello.device_id != device_id:
                 raise PermissionDeniedError(
-                    f"hello names device {hello.device_id!r} but the credentials are {device_id!r}"
+                    f"hello names device {hello.device_id!r} but the client certificate is {device_id!r}"
                 )
 
             def on_hello(session: Any) -> list[str]:
@@ -191,11 +312,19 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 if reader in done:
                     break
                 if not wake.is_set():
+                    if peer.not_after <= datetime.now(UTC):
+                        # The handshake checked the certificate once; the stream must not outlive it.
+                        await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                            f"certificate of device {device_id} expired; renew or enrol again")
                     yield pb.ControllerMessage(notice=pb.Notice(message="keepalive"))
                     continue
                 wake.clear()
-                if await self._db(lambda s: devices_svc.get_device(s, device_id).decommissioned):
-                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"device {device_id} was decommissioned")
+                # Decommissioned, re-enrolled or superseded since the stream opened: end it.
+                try:
+                    await self._db(devices_svc.authenticate_certificate, peer)
+                except FleetError as exc:
+                    code, message = status_for(exc)
+                    await context.abort(code, message)
                 state = await self._db(desired_svc.desired_state, device_id)
                 if state and int(state.get("generation", 0)) != sent_generation:
                     sent_generation = int(state["generation"])
@@ -226,10 +355,10 @@ class AgentService(pb_grpc.AgentServiceServicer):
         self, request: pb.TelemetryReport, context: grpc.aio.ServicerContext
     ) -> pb.TelemetryAck:
         try:
-            device_id = await self._authenticate(context)
+            device_id = (await self._authenticate(context)).device_id
             if request.device_id and request.device_id != device_id:
                 raise PermissionDeniedError(
-                    f"telemetry names device {request.device_id!r} but the credentials are {device_id!r}"
+                    f"telemetry names device {request.device_id!r} but the client certificate is {device_id!r}"
                 )
             batches = [convert.batch_from_pb(b) for b in request.batches]
             actual = convert.actual_from_pb(request.state) if request.HasField("state") else None

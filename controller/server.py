@@ -1,5 +1,10 @@
 """The controller process: REST (uvicorn) and gRPC (grpc.aio) on one event loop, plus the reconciler.
 
+gRPC listens on two ports, both TLS with the controller's server certificate (issued by its own
+CA, `fleet.controller.pki`): the device port requires a client certificate from that CA (mutual
+TLS), the enrolment port does not, so a new device can trade a token and a CSR for one there.
+No plaintext gRPC port exists.
+
 The reconciler's passes are blocking database work, so they run on a worker thread, one at a
 time; `kick()` asks for a pass as soon as possible (after a report, a CLI action, a connect),
 and a timer runs one every `reconcile_interval_s` in any case, so time-based rules (deadlines,
@@ -23,17 +28,20 @@ import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fleet.controller import devices as devices_svc
+from fleet.controller import pki
 from fleet.controller.app import create_app
 from fleet.controller.context import ControllerContext, build_context
 from fleet.controller.coordination import LocalCoordinator, PostgresCoordinator
 from fleet.controller.engine import Reconciler
-from fleet.controller.grpc_service import AgentService, DesiredStateHub
+from fleet.controller.grpc_service import AgentService, DesiredStateHub, RejectMalformedInterceptor
 from fleet.controller.settings import ControllerSettings
 from fleet.core.errors import NotFoundError
 from fleet.proto.fleet.v1 import fleet_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 GRPC_MAX_MESSAGE = 16 * 1024 * 1024
+# The enrolment port carries one small request per device (token, CSR, labels, hardware).
+GRPC_ENROLL_MAX_MESSAGE = 64 * 1024
 
 
 # Housekeeping that needs no event: re-sign the online metadata before it expires, drop old telemetry.
@@ -128,7 +136,14 @@ class Controller:
         self.loop.is_leader = lambda: self.coordinator.is_leader
         self.ctx.on_desired_changed = self._desired_changed
         self.ctx.kick = self._kick
+        # The device CA and the controller's server certificate: made on first start, re-issued
+        # when the configured names change or the certificate nears expiry.
+        self.ca = pki.load_or_create_ca(settings.tls_dir, settings.ca_cert_file, settings.ca_key_file)
+        self.server_key_pem, self.server_cert_pem = pki.ensure_server_certificate(
+            self.ca, settings.tls_dir, pki.parse_server_names(settings.tls_server_names)
+        )
         self.grpc_port: int | None = None
+        self.grpc_enroll_port: int | None = None
         self.stop_event: asyncio.Event | None = None
         self.started = threading.Event()
 
@@ -142,35 +157,59 @@ class Controller:
         else:
             self.coordinator.publish_kick()  # only the leader reconciles
 
-    async def _start_grpc(self) -> grpc.aio.Server:
-        interceptors = [self.ctx.metrics.grpc_interceptor()] if self.ctx.metrics is not None else []
-        server = grpc.aio.server(
+    def _grpc_server(self, max_message: int) -> grpc.aio.Server:
+        interceptors: list[grpc.aio.ServerInterceptor] = (
+            [self.ctx.metrics.grpc_interceptor()] if self.ctx.metrics is not None else []
+        )
+        interceptors.append(RejectMalformedInterceptor())
+        return grpc.aio.server(
             interceptors=interceptors,
             options=[
-                ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE),
+                ("grpc.max_receive_message_length", max_message),
                 ("grpc.max_send_message_length", GRPC_MAX_MESSAGE),
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
                 ("grpc.keepalive_permit_without_calls", 1),
             ]
         )
-        pb_grpc.add_AgentServiceServicer_to_server(AgentService(self.ctx, self.hub, self.loop.kick), server)
-        health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
-        self.grpc_port = server.add_insecure_port(address)
-        if not self.grpc_port:
-            raise OSError(f"cannot listen for gRPC on {address}")
-        await server.start()
-        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        await health_servicer.set("fleet.v1.AgentService", health_pb2.HealthCheckResponse.SERVING)
-        return server
+
+    async def _start_grpc(self) -> list[grpc.aio.Server]:
+        """The device port (mutual TLS) and the enrolment port (server TLS), one servicer for both."""
+        service = AgentService(self.ctx, self.hub, self.loop.kick, self.ca,
+                               timedelta(hours=self.settings.device_cert_ttl_hours))
+        identity = [(self.server_key_pem, self.server_cert_pem)]
+        servers = []
+        for port, max_message, require_client_auth in (
+            (self.settings.grpc_port, GRPC_MAX_MESSAGE, True),
+            (self.settings.grpc_enroll_port, GRPC_ENROLL_MAX_MESSAGE, False),
+        ):
+            server = self._grpc_server(max_message)
+            pb_grpc.add_AgentServiceServicer_to_server(service, server)
+            health_servicer = health.aio.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+            credentials = grpc.ssl_server_credentials(
+                identity, root_certificates=self.ca.cert_pem if require_client_auth else None,
+                require_client_auth=require_client_auth,
+            )
+            address = f"{self.settings.grpc_host}:{port}"
+            bound = server.add_secure_port(address, credentials)
+            if not bound:
+                raise OSError(f"cannot listen for gRPC on {address}")
+            if require_client_auth:
+                self.grpc_port = bound
+            else:
+                self.grpc_enroll_port = bound
+            await server.start()
+            await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+            await health_servicer.set("fleet.v1.AgentService", health_pb2.HealthCheckResponse.SERVING)
+            servers.append(server)
+        return servers
 
     async def serve(self) -> None:
         self.stop_event = asyncio.Event()
         self.hub.bind(asyncio.get_running_loop())
         await self.coordinator.start()
-        grpc_server = await self._start_grpc()
+        grpc_servers = await self._start_grpc()
         app = create_app(self.ctx)
         config = uvicorn.Config(
             app,
@@ -194,15 +233,19 @@ class Controller:
                                 is_leader=lambda: self.coordinator.is_leader)
             gitops_task = asyncio.create_task(gitops.run(self.stop_event))
         log.info(
-            "controller serving REST on http://%s:%s and gRPC on %s:%s",
+            "controller serving REST on http://%s:%s, gRPC on %s:%s (mutual TLS) and enrolment on %s:%s (TLS); "
+            "device CA %s valid until %s",
             self.settings.http_host, self.settings.http_port, self.settings.grpc_host, self.grpc_port,
+            self.settings.grpc_host, self.grpc_enroll_port,
+            self.settings.ca_cert_file or self.settings.tls_dir / pki.CA_CERT_NAME,
+            self.ca.cert.not_valid_after_utc.isoformat(),
         )
         self.started.set()
         try:
             await self.stop_event.wait()
         finally:
             http.should_exit = True
-            await grpc_server.stop(grace=1.0)
+            await asyncio.gather(*(server.stop(grace=1.0) for server in grpc_servers))
             with contextlib.suppress(Exception):
                 await http_task
             loop_task.cancel()

@@ -114,6 +114,9 @@ class DevicePublic(_Out):
     agent_version: str
     connected: bool
     decommissioned: bool
+    decommissioned_at: datetime | None = None
+    cert_serial: str | None = Field(default=None, description="Serial of the device's current certificate.")
+    cert_not_after: datetime | None = None
     enrolled_at: datetime
     last_seen_at: datetime | None
     desired_generation: int
@@ -143,6 +146,9 @@ def _device_fields(device: Device) -> dict[str, Any]:
         "agent_version": device.agent_version,
         "connected": device.connected,
         "decommissioned": device.decommissioned,
+        "decommissioned_at": device.decommissioned_at,
+        "cert_serial": device.cert_serial,
+        "cert_not_after": device.cert_not_after,
         "enrolled_at": device.enrolled_at,
         "last_seen_at": device.last_seen_at,
         "desired_generation": device.desired_generation,
@@ -182,6 +188,9 @@ class EnrollmentTokenCreate(BaseModel):
     max_uses: int = Field(default=1, ge=1, le=1_000_000)
     ttl_seconds: int = Field(default=3600, ge=1, le=366 * 24 * 3600)
     labels: dict[str, str] = Field(default_factory=dict, description="Labels given to devices enrolling.")
+    device_id: str | None = Field(
+        default=None, max_length=63, description="Pre-authorise the token for this device id only."
+    )
 
 
 class EnrollmentTokenPublic(_Out):
@@ -193,6 +202,7 @@ class EnrollmentTokenPublic(_Out):
     created_at: datetime
     revoked: bool
     expired: bool
+    device_id: str | None = None
 
     @classmethod
     def from_row(cls, token: EnrollmentToken) -> EnrollmentTokenPublic:
@@ -213,6 +223,7 @@ def _token_fields(token: EnrollmentToken) -> dict[str, Any]:
         "created_at": token.created_at,
         "revoked": token.revoked,
         "expired": token.expires_at <= datetime.now(UTC),
+        "device_id": token.device_id,
     }
 
 

@@ -18,7 +18,7 @@ router = APIRouter(prefix="/api/v1/enrollment-tokens", tags=["enrolment"])
 @router.post("", status_code=201, summary="Create a bootstrap token for enrolling devices")
 def create_token(body: EnrollmentTokenCreate, session: SessionDep) -> EnrollmentTokenCreated:
     plaintext, token = devices_svc.create_enrollment_token(
-        session, max_uses=body.max_uses, ttl_s=body.ttl_seconds, labels=body.labels
+        session, max_uses=body.max_uses, ttl_s=body.ttl_seconds, labels=body.labels, device_id=body.device_id
     )
     return EnrollmentTokenCreated(**EnrollmentTokenPublic.from_row(token).model_dump(), token=plaintext)
 

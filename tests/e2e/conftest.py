@@ -80,7 +80,7 @@ class FleetWorld:
                 "--controller-grpc", f"127.0.0.1:{self.cluster.grpc_port}",
                 "--controller-url", self.agent_url or self.cluster.url,
                 "--trust-root", str(self.root), "--device-id", device_id, "--inference-addr", "127.0.0.1:0",
-                "--metrics-addr", "127.0.0.1:0"]
+                "--metrics-addr", "127.0.0.1:0", *self.cluster.agent_tls_args()]
         if token:
             args += ["--token", token]
         for key, value in (labels or {"site": "lab"}).items():

@@ -50,7 +50,8 @@ def _start_agent(world: FleetWorld, index: int, token: str, site: str, traffic: 
         "agent", "run", "--data-dir", str(world.workdir / "agents" / device_id),
         "--controller-grpc", f"127.0.0.1:{world.cluster.grpc_port}", "--controller-url", world.cluster.url,
         "--trust-root", str(world.root), "--device-id", device_id, "--inference-addr", "127.0.0.1:0",
-        "--token", token, "--label", f"site={site}", "--traffic", str(traffic), "--traffic-rate", "30"))
+        "--token", token, "--label", f"site={site}", "--traffic", str(traffic), "--traffic-rate", "30",
+        *world.cluster.agent_tls_args()))
     return device_id
 
 

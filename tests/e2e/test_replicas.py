@@ -60,13 +60,14 @@ def test_two_replicas_failover_mid_rollout(tmp_path: Path, database: str) -> Non
     cluster = world.cluster
     db_url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}"
     data_dir = tmp_path / "controller"
-    replica_a = {"http": free_port(), "grpc": free_port()}
+    replica_a = {"http": free_port(), "grpc": free_port(), "enroll": free_port()}
     cluster.env = {**cluster.env, "FLEET_DB_URL": db_url}
 
     def start_replica(name: str, ports: dict[str, int]) -> None:
         (tmp_path / "logs").mkdir(exist_ok=True)
         cluster._spawn(name, fleet_cmd("controller", "serve", "--data-dir", str(data_dir),
                                        "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
+                                       "--grpc-enroll-port", str(ports["enroll"]),
                                        "--reconcile-interval", "0.5"))
 
     try:
@@ -75,7 +76,8 @@ def test_two_replicas_failover_mid_rollout(tmp_path: Path, database: str) -> Non
         start_replica("controller-a", replica_a)
         world.wait("A leads", lambda: (leader_of(database) or "").endswith(":leader"), 60)
         a_leader = leader_of(database)
-        start_replica("controller", {"http": cluster.http_port, "grpc": cluster.grpc_port})
+        start_replica("controller", {"http": cluster.http_port, "grpc": cluster.grpc_port,
+                                     "enroll": cluster.grpc_enroll_port})
         world.wait("B ready", lambda: world.fleet_ok("models", "ls", "-o", "json"), 60)
         assert leader_of(database) == a_leader, "B must not take the lead while A is alive"
         world.push("detector:v1", sm.classifier(1), task="classification")

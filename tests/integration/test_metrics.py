@@ -14,10 +14,9 @@ import grpc
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from fleet.proto.fleet.v1 import fleet_pb2 as pb
-from fleet.proto.fleet.v1 import fleet_pb2_grpc as pb_grpc
+from fleet.controller.server import Controller
 
-from .test_agent_service import run_with_controller, token
+from .agent_client import DeviceIdentity, run_with_controller, token
 
 
 def families(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -29,14 +28,12 @@ def families(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
 
 
 def test_metrics_report_fleet_state_and_requests(tmp_path: Path) -> None:
-    async def scenario(controller: object, target: str, url: str) -> None:
-        async with grpc.aio.insecure_channel(target) as channel:
-            stub = pb_grpc.AgentServiceStub(channel)
-            tok = await token(url, uses=2)
-            await stub.Enroll(pb.EnrollRequest(token=tok, requested_id="cam-1", labels={"site": "north"}))
-            await stub.Enroll(pb.EnrollRequest(token=tok, requested_id="cam-2", labels={"site": "south"}))
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                await stub.Enroll(pb.EnrollRequest(token="made-up", requested_id="cam-3"))
+    async def scenario(controller: Controller, target: str, url: str) -> None:
+        tok = await token(url, uses=2)
+        await DeviceIdentity(controller, "cam-1").enroll(tok, labels={"site": "north"})
+        await DeviceIdentity(controller, "cam-2").enroll(tok, labels={"site": "south"})
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await DeviceIdentity(controller, "cam-3").enroll("made-up")
         async with httpx.AsyncClient(base_url=url) as client:
             assert (await client.get("/api/v1/devices/cam-1")).status_code == 200
             assert (await client.get("/api/v1/devices/nope")).status_code == 404
@@ -60,7 +57,7 @@ def test_metrics_report_fleet_state_and_requests(tmp_path: Path) -> None:
         assert calls[("Enroll", "UNAUTHENTICATED")] == 1.0
         assert any(name == "fleet_http_request_duration_seconds_bucket" for name in metrics)
 
-    run_with_controller(tmp_path, scenario)  # type: ignore[arg-type]
+    run_with_controller(tmp_path, scenario)
 
 
 def test_metrics_route_needs_no_database_writes(tmp_path: Path) -> None:

@@ -14,15 +14,17 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import httpx
 import pytest
 
 from fleet.controller.models import Device
+from fleet.controller.pki import load_or_create_ca
 from fleet.controller.server import Controller
 from fleet.controller.settings import ControllerSettings
 from fleet.proto.fleet.v1 import fleet_pb2 as pb
 from fleet.proto.fleet.v1 import fleet_pb2_grpc as pb_grpc
+
+from .agent_client import DeviceIdentity, mtls_channel
 
 psycopg = pytest.importorskip("psycopg")
 
@@ -50,9 +52,12 @@ def db_url() -> Iterator[str]:
 
 def test_change_on_one_replica_reaches_stream_on_another(tmp_path: Path, db_url: str) -> None:
     def settings(name: str) -> ControllerSettings:
+        # Every replica signs and checks device certificates with the same CA (as from one Secret).
         return ControllerSettings(data_dir=tmp_path / name, db_url=db_url, http_port=_port(), grpc_port=_port(),
-                                  reconcile_interval_s=0.5)
+                                  grpc_enroll_port=_port(), reconcile_interval_s=0.5,
+                                  ca_cert_file=tmp_path / "ca" / "ca.pem", ca_key_file=tmp_path / "ca" / "ca.key")
 
+    load_or_create_ca(tmp_path / "ca")
     a, b = Controller(settings("a")), Controller(settings("b"))
 
     async def main() -> float:
@@ -63,16 +68,16 @@ def test_change_on_one_replica_reaches_stream_on_another(tmp_path: Path, db_url:
             url_a = f"http://127.0.0.1:{a.settings.http_port}"
             async with httpx.AsyncClient() as http:
                 token = (await http.post(f"{url_a}/api/v1/enrollment-tokens", json={"max_uses": 1})).json()["token"]
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{b.grpc_port}") as channel:
+            cam = DeviceIdentity(a, "cam-1")
+            await cam.enroll(token)  # enrolled through A, connected through B
+            async with mtls_channel(b, cam.key_pem, cam.cert_pem) as channel:
                 stub = pb_grpc.AgentServiceStub(channel)
-                enrolled = await stub.Enroll(pb.EnrollRequest(token=token, requested_id="cam-1"))
-                creds = (("x-fleet-device-id", "cam-1"), ("authorization", f"Bearer {enrolled.device_secret}"))
 
                 async def hello() -> object:
                     yield pb.AgentMessage(hello=pb.Hello(device_id="cam-1"))
                     await asyncio.sleep(60)
 
-                call = stub.Sync(hello(), metadata=creds)
+                call = stub.Sync(hello())
                 first = await asyncio.wait_for(call.read(), 10)
                 assert first.WhichOneof("kind") == "desired"
                 await asyncio.sleep(1.5)  # both replicas listening

@@ -137,7 +137,10 @@ def test_default_is_one_embedded_controller_listening_on_the_pod(
     assert settings.db_url == f"sqlite:///{settings.data_dir}/fleet.db"
     assert (settings.http_host, settings.grpc_host) == ("0.0.0.0", "0.0.0.0")
     ports = {p["name"]: p["containerPort"] for p in pod["containers"][0]["ports"]}
-    assert ports == {"http": settings.http_port, "grpc": settings.grpc_port}
+    assert ports == {"http": settings.http_port, "grpc": settings.grpc_port, "grpc-enroll": settings.grpc_enroll_port}
+    # The server certificate covers the names in-cluster agents dial
+    grpc_name = _one(objects, "Service", "-controller-grpc")["metadata"]["name"]
+    assert f"{grpc_name}.fleet.svc" in settings.tls_server_names.split(",")
     # Agents in the cluster download from the REST Service.
     service = _one(objects, "Service", "-controller")
     assert settings.public_url == f"http://{service['metadata']['name']}.fleet.svc:{settings.http_port}"
@@ -194,6 +197,7 @@ def test_agent_daemonsets_per_hardware_pool(rendered: dict[str, list[dict[str, A
         assert not unknown, f"`fleet agent run` reads none of {sorted(unknown)}"
         assert env["FLEET_HARDWARE_CLASS"] == pool
         assert env["FLEET_CONTROLLER_GRPC"] == "fleet-grpc.example.com:443"
+        assert env["FLEET_CONTROLLER_ENROLL"] == "fleet-grpc.example.com:50052"
         assert env["FLEET_ENROLL_TOKEN"] == {"secretKeyRef": {"name": "fleet-enroll-token", "key": "token"}}
         assert env["FLEET_DEVICE_ID"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
         assert env["FLEET_INFERENCE_ADDR"] == "0.0.0.0:8001"
@@ -204,6 +208,8 @@ def test_agent_daemonsets_per_hardware_pool(rendered: dict[str, list[dict[str, A
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
         assert env["FLEET_AGENT_DATA_DIR"] == mounts["data"]
         assert env["FLEET_TRUST_ROOT"] == f"{mounts['trust-root']}/root.json"
+        assert env["FLEET_CA_CERT"] == f"{mounts['controller-ca']}/ca.pem"
+        assert volumes["controller-ca"]["configMap"]["items"] == [{"key": "ca.pem", "path": "ca.pem"}]
         assert {p["name"]: p.get("hostPort") for p in container["ports"]}["inference"] == 8001
     jetson = daemonsets["jetson-orin"]["spec"]["template"]["spec"]
     assert jetson["tolerations"][0]["key"] == "edge"
@@ -227,6 +233,13 @@ def test_ingress_grpc_servicemonitor_and_dashboard(rendered: dict[str, list[dict
     agent_env = _env(daemonset["spec"]["template"]["spec"]["containers"][0])
     grpc_port = grpc_service["spec"]["ports"][0]["port"]
     assert agent_env["FLEET_CONTROLLER_GRPC"] == f"{grpc_service['metadata']['name']}.fleet.svc:{grpc_port}"
+    enroll_port = {p["name"]: p["port"] for p in grpc_service["spec"]["ports"]}["grpc-enroll"]
+    assert agent_env["FLEET_CONTROLLER_ENROLL"] == f"{grpc_service['metadata']['name']}.fleet.svc:{enroll_port}"
+    # The agents mount only the certificate of the controller's CA Secret, never its key
+    agent_volumes = {v["name"]: v for v in daemonset["spec"]["template"]["spec"]["volumes"]}
+    assert agent_volumes["controller-ca"]["secret"] == {
+        "secretName": "fleet-device-ca", "items": [{"key": "ca.pem", "path": "ca.pem"}]}
+    assert env["FLEET_CA_CERT_FILE"] == "/run/fleet/ca/ca.pem" and env["FLEET_CA_KEY_FILE"] == "/run/fleet/ca/ca.key"
     monitor = _one(objects, "ServiceMonitor")
     assert monitor["spec"]["endpoints"][0]["port"] == "http"
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"

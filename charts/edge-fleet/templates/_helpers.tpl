@@ -87,6 +87,10 @@ app.kubernetes.io/component: agent
 {{- printf "%s-grpc.%s.svc:%d" (include "edge-fleet.controller.fullname" .) .Release.Namespace (int .Values.controller.service.grpcPort) -}}
 {{- end -}}
 
+{{- define "edge-fleet.controller.grpcEnrollAddr" -}}
+{{- printf "%s-grpc.%s.svc:%d" (include "edge-fleet.controller.fullname" .) .Release.Namespace (int .Values.controller.service.grpcEnrollPort) -}}
+{{- end -}}
+
 {{/* FLEET_PUBLIC_URL: explicit value, else the Ingress host, else the in-cluster Service. */}}
 {{- define "edge-fleet.controller.publicUrl" -}}
 {{- if .Values.controller.publicUrl -}}
@@ -117,4 +121,8 @@ app.kubernetes.io/component: agent
 
 {{- define "edge-fleet.agent.trustRootConfigMapName" -}}
 {{- default (printf "%s-trust-root" (include "edge-fleet.agent.fullname" .)) .Values.agent.trustRoot.existingConfigMap -}}
+{{- end -}}
+
+{{- define "edge-fleet.agent.caConfigMapName" -}}
+{{- default (printf "%s-controller-ca" (include "edge-fleet.agent.fullname" .)) .Values.agent.caCert.existingConfigMap -}}
 {{- end -}}

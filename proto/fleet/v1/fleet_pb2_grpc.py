@@ -39,6 +39,11 @@ class AgentServiceStub:
                 request_serializer=fleet_dot_v1_dot_fleet__pb2.EnrollRequest.SerializeToString,
                 response_deserializer=fleet_dot_v1_dot_fleet__pb2.EnrollResponse.FromString,
                 _registered_method=True)
+        self.RenewCertificate = channel.unary_unary(
+                '/fleet.v1.AgentService/RenewCertificate',
+                request_serializer=fleet_dot_v1_dot_fleet__pb2.RenewRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_fleet__pb2.RenewResponse.FromString,
+                _registered_method=True)
         self.Sync = channel.stream_stream(
                 '/fleet.v1.AgentService/Sync',
                 request_serializer=fleet_dot_v1_dot_fleet__pb2.AgentMessage.SerializeToString,
@@ -55,7 +60,17 @@ class AgentServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Enroll(self, request, context):
-        """Trade a bootstrap enrolment token for a device identity.
+        """Trade a bootstrap enrolment token and a CSR for a device identity (a client certificate).
+        Served on the enrolment port (server-authenticated TLS); every other RPC needs mutual TLS
+        with a certificate from Enroll or RenewCertificate, whose device id is the caller's identity.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewCertificate(self, request, context):
+        """A new certificate for a new key, before the current one expires; the current one stays
+        valid until its own expiry, so a renewal never cuts a live stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -82,6 +97,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Enroll,
                     request_deserializer=fleet_dot_v1_dot_fleet__pb2.EnrollRequest.FromString,
                     response_serializer=fleet_dot_v1_dot_fleet__pb2.EnrollResponse.SerializeToString,
+            ),
+            'RenewCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewCertificate,
+                    request_deserializer=fleet_dot_v1_dot_fleet__pb2.RenewRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_fleet__pb2.RenewResponse.SerializeToString,
             ),
             'Sync': grpc.stream_stream_rpc_method_handler(
                     servicer.Sync,
@@ -121,6 +141,33 @@ class AgentService:
             '/fleet.v1.AgentService/Enroll',
             fleet_dot_v1_dot_fleet__pb2.EnrollRequest.SerializeToString,
             fleet_dot_v1_dot_fleet__pb2.EnrollResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.AgentService/RenewCertificate',
+            fleet_dot_v1_dot_fleet__pb2.RenewRequest.SerializeToString,
+            fleet_dot_v1_dot_fleet__pb2.RenewResponse.FromString,
             options,
             channel_credentials,
             insecure,
