@@ -6,7 +6,9 @@ Rules this module enforces:
   buffers it: bundle uploads at `max_bundle_bytes` (plus room for targets.json and multipart
   framing), everything else at `max_request_body_bytes`; an over-long body is answered with
   413 in the API's error shape, whether it announced its length or not;
-- every error leaves as `{"error", "message", "details"}` (see `fleet.controller.api.errors`).
+- every error leaves as `{"error", "message", "details"}` (see `fleet.controller.api.errors`);
+- every route declares who may call it (`fleet.controller.api.deps`: PUBLIC, VIEWER, OPERATOR,
+  ADMIN, DEVICE_OR_VIEWER); `/metrics` needs a viewer token unless `metrics_public` is set.
 """
 
 from __future__ import annotations
@@ -15,16 +17,21 @@ import json
 import re
 
 from fastapi import FastAPI, Response
+from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fleet.controller.api import devices, health, models, rollouts, tokens, trust
+from fleet.controller import access
+from fleet.controller.api import access_tokens, devices, health, models, rollouts, tokens, trust
 from fleet.controller.api import drift as drift_api
 from fleet.controller.api import reports as reports_api
-from fleet.controller.api.errors import error_body, install_error_handlers
+from fleet.controller.api.deps import PUBLIC, VIEWER, authenticate_request
+from fleet.controller.api.errors import error_body, install_error_handlers, status_for
 from fleet.controller.context import ControllerContext
 from fleet.controller.metrics import ControllerMetrics
 from fleet.controller.web import router as web_router
+from fleet.core.errors import FleetError
 
 UPLOAD_PATH_RE = re.compile(r"^/api/v1/models/[^/]+/versions/?$")
 # Multipart framing and the targets.json part ride along with the bundle.
@@ -119,6 +126,38 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class UploadAuthMiddleware:
+    """Checks an upload's credentials before its body streams in.
+
+    FastAPI parses a multipart body (spooling it to disk) before it runs route dependencies, so
+    without this an anonymous client could make the controller store gigabytes only to be told
+    401. The route still declares OPERATOR; this answers the same refusal earlier.
+    """
+
+    def __init__(self, app: ASGIApp, ctx: ControllerContext) -> None:
+        self.app = app
+        self.ctx = ctx
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST" or not UPLOAD_PATH_RE.match(scope.get("path", "")):
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        try:
+            principal = await run_in_threadpool(authenticate_request, self.ctx, headers)
+            access.authorize(principal, "operator")
+        except FleetError as exc:
+            status = status_for(exc)
+            extra = {"WWW-Authenticate": 'Bearer realm="fleet"'} if status == 401 else {}
+            body = json.dumps(error_body(exc.code, exc.message, exc.details)).encode()
+            await send({"type": "http.response.start", "status": status, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"), *((k.lower().encode(), v.encode()) for k, v in extra.items())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
 def create_app(ctx: ControllerContext) -> FastAPI:
     """The REST application over one controller context (no lifespan work: the server owns that)."""
     app = FastAPI(
@@ -138,10 +177,13 @@ def create_app(ctx: ControllerContext) -> FastAPI:
         trust.tuf_router,
         drift_api.router,
         reports_api.router,
+        access_tokens.router,
+        access_tokens.whoami_router,
         web_router,  # the dashboard: `/` redirects to `/ui/`
     ):
         app.include_router(router)
     settings = ctx.settings
+    app.add_middleware(UploadAuthMiddleware, ctx=ctx)
     app.add_middleware(
         BodySizeLimitMiddleware,
         default_limit=settings.max_request_body_bytes,
@@ -149,7 +191,10 @@ def create_app(ctx: ControllerContext) -> FastAPI:
     )
     if ctx.metrics is not None:
         metrics = ctx.metrics
-        app.add_api_route("/metrics", lambda: _metrics_response(metrics), methods=["GET"], include_in_schema=False)
+        # Scrapers send a viewer token unless the operator chose public metrics.
+        metrics_access = PUBLIC if settings.metrics_public else VIEWER
+        app.add_api_route("/metrics", lambda: _metrics_response(metrics), methods=["GET"], include_in_schema=False,
+                          dependencies=[metrics_access])
         app.add_middleware(_MetricsMiddleware, metrics=metrics)
     return app
 

@@ -85,7 +85,15 @@ async def _fleet_error(_request: Request, exc: Exception) -> JSONResponse:
     status = status_for(exc)
     if status >= 500:
         log.error("request failed: %s", exc, exc_info=exc)
-    return error_response(status, exc.code, exc.message, exc.details)
+    headers = {"WWW-Authenticate": _www_authenticate(exc)} if status == 401 else None
+    return error_response(status, exc.code, exc.message, exc.details, headers=headers)
+
+
+def _www_authenticate(exc: E.FleetError) -> str:
+    """RFC 6750: name the scheme; say `invalid_token` when a token was sent but refused."""
+    if exc.details.get("reason") in (None, "missing"):
+        return 'Bearer realm="fleet"'
+    return 'Bearer realm="fleet", error="invalid_token"'
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
