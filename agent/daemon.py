@@ -168,7 +168,8 @@ class Agent:
         self.host = ModelHost(profile_dir=self.data_dir / "profiles")
         self.store = ModelStore(self.data_dir)
         self.spool = TelemetrySpool(self.data_dir / "spool", config.spool_max_batches)
-        self.http = httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0), follow_redirects=True)
+        self.http = httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0), follow_redirects=True,
+                                 event_hooks={"request": [self._device_credentials]})
         self.trust = self._trust_client()
         self.updaters: dict[str, ModelUpdater] = {}
         self.workers: dict[str, ModelWorker] = {}
@@ -200,6 +201,16 @@ class Agent:
         )
 
     # -- identity -------------------------------------------------------------------------
+
+    def _device_credentials(self, request: httpx.Request) -> None:
+        """Bundle downloads from the controller carry the device's credentials; a redirect to another
+        origin (an S3 presigned URL) never sees them."""
+        controller = httpx.URL(self.config.controller_url)
+        if not self.identity.get("secret") or (request.url.scheme, request.url.host, request.url.port) != (
+                controller.scheme, controller.host, controller.port):
+            return
+        request.headers["x-fleet-device-id"] = self.identity["device_id"]
+        request.headers["authorization"] = f"Bearer {self.identity['secret']}"
 
     def _channel(self) -> grpc.aio.Channel:
         return grpc.aio.insecure_channel(

@@ -278,3 +278,15 @@ __all__ = [
     "touch",
     "write_secret_file",
 ]
+
+
+def admin_headers(ctx_or_factory: object, *, role: str = "admin", name: str = "local-admin") -> dict[str, str]:
+    """Headers with a fresh token of `role` for in-process clients (tests, embedded tools).
+
+    Takes a ControllerContext (anything with `session_factory`) or a session factory.
+    """
+    factory = getattr(ctx_or_factory, "session_factory", ctx_or_factory)
+    assert isinstance(factory, sessionmaker)
+    with factory() as session, session.begin():
+        plaintext, _ = create_token(session, name=name, role=role)
+    return {"Authorization": f"Bearer {plaintext}"}

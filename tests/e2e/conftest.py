@@ -31,6 +31,11 @@ class FleetWorld:
         self.root = workdir / "root.json"
         self.token: str | None = None
 
+    @property
+    def auth(self) -> dict[str, str]:
+        """Headers for direct REST calls: the admin token the controller was started with."""
+        return {"Authorization": f"Bearer {self.cluster.admin_token}"}
+
     # -- processes ------------------------------------------------------------------------
 
     def start(self) -> None:

@@ -7,6 +7,7 @@ every call, exactly-once telemetry, and the end of a decommissioned device's str
 from __future__ import annotations
 
 import asyncio
+import secrets
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -29,8 +30,14 @@ def _port() -> int:
         return int(sock.getsockname()[1])
 
 
+# The controller stores this admin token (hashed) at start; REST calls below present it.
+ADMIN_TOKEN = secrets.token_urlsafe(32)
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
 def run_with_controller(tmp_path: Path, scenario: Callable[[Controller, str, str], Awaitable[None]]) -> None:
-    settings = ControllerSettings(data_dir=tmp_path, http_port=_port(), grpc_port=_port(), reconcile_interval_s=0.2)
+    settings = ControllerSettings(data_dir=tmp_path, http_port=_port(), grpc_port=_port(), reconcile_interval_s=0.2,
+                                  admin_token=ADMIN_TOKEN)
     controller = Controller(settings)
 
     async def main() -> None:
@@ -46,7 +53,7 @@ def run_with_controller(tmp_path: Path, scenario: Callable[[Controller, str, str
 
 
 async def token(url: str, uses: int = 1) -> str:
-    async with httpx.AsyncClient() as client:
+    async with httpx.AsyncClient(headers=AUTH) as client:
         response = await client.post(f"{url}/api/v1/enrollment-tokens", json={"max_uses": uses, "ttl_seconds": 60})
         response.raise_for_status()
         return str(response.json()["token"])
@@ -84,7 +91,7 @@ def test_enrol_sync_and_identity(tmp_path: Path) -> None:
             # Actual state reports are stored
             actual = {"desired_generation": first.desired.generation, "models": []}
             await outbox.put(pb.AgentMessage(state=convert.actual_to_pb(actual)))
-            async with httpx.AsyncClient() as client:
+            async with httpx.AsyncClient(headers=AUTH) as client:
                 for _ in range(50):
                     device = (await client.get(f"{url}/api/v1/devices/cam-1")).json()
                     if device.get("connected") and device["actual"].get("desired_generation"):
@@ -109,7 +116,7 @@ def test_enrol_sync_and_identity(tmp_path: Path) -> None:
             assert spoof.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
             # Decommissioning ends the open stream and its credentials stop working
-            async with httpx.AsyncClient() as client:
+            async with httpx.AsyncClient(headers=AUTH) as client:
                 (await client.post(f"{url}/api/v1/devices/cam-1/decommission")).raise_for_status()
             with pytest.raises(grpc.aio.AioRpcError) as ended:
                 while True:

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fleet.proto.fleet.v1 import fleet_pb2 as pb
 from fleet.proto.fleet.v1 import fleet_pb2_grpc as pb_grpc
 
-from .test_agent_service import run_with_controller, token
+from .test_agent_service import AUTH, run_with_controller, token
 
 
 def families(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -37,7 +37,7 @@ def test_metrics_report_fleet_state_and_requests(tmp_path: Path) -> None:
             await stub.Enroll(pb.EnrollRequest(token=tok, requested_id="cam-2", labels={"site": "south"}))
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await stub.Enroll(pb.EnrollRequest(token="made-up", requested_id="cam-3"))
-        async with httpx.AsyncClient(base_url=url) as client:
+        async with httpx.AsyncClient(base_url=url, headers=AUTH) as client:
             assert (await client.get("/api/v1/devices/cam-1")).status_code == 200
             assert (await client.get("/api/v1/devices/nope")).status_code == 404
             response = await client.get("/metrics")
@@ -65,7 +65,7 @@ def test_metrics_report_fleet_state_and_requests(tmp_path: Path) -> None:
 
 def test_metrics_route_needs_no_database_writes(tmp_path: Path) -> None:
     async def scenario(controller: object, target: str, url: str) -> None:
-        async with httpx.AsyncClient(base_url=url) as client:
+        async with httpx.AsyncClient(base_url=url, headers=AUTH) as client:
             first = (await client.get("/metrics")).text
             second = (await client.get("/metrics")).text
         assert "fleet_devices" in first and "fleet_gate_verdicts_total" in second

@@ -8,6 +8,7 @@ then `on_desired_changed`). B wakes through LISTEN/NOTIFY and pushes the new gen
 from __future__ import annotations
 
 import asyncio
+import secrets
 import socket
 import time
 import uuid
@@ -48,10 +49,13 @@ def db_url() -> Iterator[str]:
         admin.close()
 
 
+ADMIN_TOKEN = secrets.token_urlsafe(32)
+
+
 def test_change_on_one_replica_reaches_stream_on_another(tmp_path: Path, db_url: str) -> None:
     def settings(name: str) -> ControllerSettings:
         return ControllerSettings(data_dir=tmp_path / name, db_url=db_url, http_port=_port(), grpc_port=_port(),
-                                  reconcile_interval_s=0.5)
+                                  reconcile_interval_s=0.5, admin_token=ADMIN_TOKEN)
 
     a, b = Controller(settings("a")), Controller(settings("b"))
 
@@ -61,7 +65,7 @@ def test_change_on_one_replica_reaches_stream_on_another(tmp_path: Path, db_url:
             assert await asyncio.to_thread(replica.started.wait, 30)
         try:
             url_a = f"http://127.0.0.1:{a.settings.http_port}"
-            async with httpx.AsyncClient() as http:
+            async with httpx.AsyncClient(headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as http:
                 token = (await http.post(f"{url_a}/api/v1/enrollment-tokens", json={"max_uses": 1})).json()["token"]
             async with grpc.aio.insecure_channel(f"127.0.0.1:{b.grpc_port}") as channel:
                 stub = pb_grpc.AgentServiceStub(channel)
