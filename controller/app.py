@@ -27,7 +27,7 @@ from fleet.controller.api import access_tokens, devices, health, models, rollout
 from fleet.controller.api import drift as drift_api
 from fleet.controller.api import reports as reports_api
 from fleet.controller.api.deps import PUBLIC, VIEWER, authenticate_request
-from fleet.controller.api.errors import error_body, install_error_handlers, status_for
+from fleet.controller.api.errors import error_body, fleet_error_response, install_error_handlers
 from fleet.controller.context import ControllerContext
 from fleet.controller.metrics import ControllerMetrics
 from fleet.controller.web import router as web_router
@@ -147,13 +147,7 @@ class UploadAuthMiddleware:
             principal = await run_in_threadpool(authenticate_request, self.ctx, headers)
             access.authorize(principal, "operator")
         except FleetError as exc:
-            status = status_for(exc)
-            extra = {"WWW-Authenticate": 'Bearer realm="fleet"'} if status == 401 else {}
-            body = json.dumps(error_body(exc.code, exc.message, exc.details)).encode()
-            await send({"type": "http.response.start", "status": status, "headers": [
-                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"), *((k.lower().encode(), v.encode()) for k, v in extra.items())]})
-            await send({"type": "http.response.body", "body": body})
+            await fleet_error_response(exc)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
