@@ -135,20 +135,13 @@ def controller_token_create(
 ) -> None:
     """Make an API token without the REST API (e.g. when no admin token is at hand); prints it once."""
     from fleet.controller import access
-    from fleet.controller.db import make_engine, make_session_factory, migrate
     from fleet.controller.settings import ControllerSettings
 
     overrides: dict[str, Any] = {k: v for k, v in (("data_dir", data_dir), ("db_url", db_url)) if v is not None}
     settings = ControllerSettings(**overrides)
-    migrate(settings.db_url)
-    engine = make_engine(settings.db_url)
-    try:
-        with make_session_factory(engine)() as session, session.begin():
-            plaintext, row = access.create_token(
-                session, name=name, role=role, ttl_s=parse_duration(ttl) if ttl else None)
-    finally:
-        engine.dispose()
-    err_console.print(f"API token {row.id} ({name!r}, role {role}) created; it is shown only now:")
+    plaintext, token_id = access.create_token_in_database(
+        settings.db_url, name=name, role=role, ttl_s=parse_duration(ttl) if ttl else None)
+    err_console.print(f"API token {token_id} ({name!r}, role {role}) created; it is shown only now:")
     sys.stdout.write(plaintext + "\n")
 
 

@@ -290,3 +290,17 @@ def admin_headers(ctx_or_factory: object, *, role: str = "admin", name: str = "l
     with factory() as session, session.begin():
         plaintext, _ = create_token(session, name=name, role=role)
     return {"Authorization": f"Bearer {plaintext}"}
+
+
+def create_token_in_database(db_url: str, *, name: str, role: str, ttl_s: float | None = None) -> tuple[str, str]:
+    """Make a token straight on the database (recovery, no REST): (plaintext, id). Migrates first."""
+    from fleet.controller.db import make_engine, make_session_factory, migrate
+
+    migrate(db_url)
+    engine = make_engine(db_url)
+    try:
+        with make_session_factory(engine)() as session, session.begin():
+            plaintext, row = create_token(session, name=name, role=role, ttl_s=ttl_s)
+            return plaintext, row.id
+    finally:
+        engine.dispose()

@@ -155,7 +155,7 @@ def test_metrics_public_only_when_configured(tmp_path: Path) -> None:
     assert closed.call("GET", "/metrics", bearer(closed.tokens["viewer"]))[0] == 200
     opened = make_world(tmp_path / "open", metrics_public=True)
     assert opened.call("GET", "/metrics")[0] == 200
-    assert ("public",) == tuple(routes(opened.app)[METRICS_ROUTE])
+    assert tuple(routes(opened.app)[METRICS_ROUTE]) == ("public",)
 
 
 @pytest.mark.parametrize("weak", ["viewer", "operator"])

@@ -21,6 +21,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -107,9 +108,19 @@ def https(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     thread = threading.Thread(target=loop.run_until_complete, args=(controller.serve(),), daemon=True)
     thread.start()
     assert controller.started.wait(30), "controller did not start"
+    url = f"https://127.0.0.1:{settings.http_port}"
     try:
-        yield Running(url=f"https://127.0.0.1:{settings.http_port}", ca=ca, admin=admin, data_dir=settings.data_dir,
-                      home=root / "home")
+        # `started` is set as uvicorn begins to start: wait until it answers.
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", verify=ssl.create_default_context(cafile=str(ca))).status_code == 200:
+                    break
+            except httpx.ConnectError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield Running(url=url, ca=ca, admin=admin, data_dir=settings.data_dir, home=root / "home")
     finally:
         loop.call_soon_threadsafe(controller.stop)
         thread.join(15)

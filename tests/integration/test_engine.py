@@ -684,7 +684,6 @@ def test_regression_on_one_label_group_rolls_back_and_the_decision_names_it(flee
     from fastapi.testclient import TestClient
 
     from fleet.controller.access import admin_headers
-
     from fleet.controller.app import create_app
 
     with TestClient(create_app(f.ctx), headers=admin_headers(f.ctx)) as client:
