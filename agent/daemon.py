@@ -191,8 +191,8 @@ class Agent:
         self.creds_changed = asyncio.Event()
         self.identity: dict[str, str] = read_json(self.data_dir / "identity.json", {})
         self.http = httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0), follow_redirects=True,
-                                 verify=self._http_verify())
-        self._set_http_credentials()
+                                 verify=self._http_verify(),
+                                 event_hooks={"request": [self._device_credentials]})
         self.trust = self._trust_client()
         self.updaters: dict[str, ModelUpdater] = {}
         self.workers: dict[str, ModelWorker] = {}
@@ -229,12 +229,6 @@ class Agent:
             return ssl.create_default_context(cadata=self.ca_pem.decode("ascii"))
         return True
 
-    def _set_http_credentials(self) -> None:
-        """Bundle downloads carry the device's credentials (the REST API may require them)."""
-        if self.identity.get("device_id") and self.identity.get("secret"):
-            self.http.headers["x-fleet-device-id"] = self.identity["device_id"]
-            self.http.headers["authorization"] = f"Bearer {self.identity['secret']}"
-
     # -- identity -------------------------------------------------------------------------
 
     def _grpc_options(self) -> list[tuple[str, Any]]:
@@ -256,6 +250,16 @@ class Agent:
                 "`fleet controller ca --out ca.pem` or GET /api/v1/trust/ca) or set FLEET_CA_CERT"
             )
         return self.ca_pem
+
+    def _device_credentials(self, request: httpx.Request) -> None:
+        """Bundle downloads from the controller carry the device's credentials; a redirect to another
+        origin (an S3 presigned URL) never sees them."""
+        controller = httpx.URL(self.config.controller_url)
+        if not self.identity.get("secret") or (request.url.scheme, request.url.host, request.url.port) != (
+                controller.scheme, controller.host, controller.port):
+            return
+        request.headers["x-fleet-device-id"] = self.identity["device_id"]
+        request.headers["authorization"] = f"Bearer {self.identity['secret']}"
 
     def _channel(self) -> grpc.aio.Channel:
         """Mutual TLS to the device port, with the current certificate."""
@@ -327,7 +331,6 @@ class Agent:
         path = self.data_dir / "identity.json"
         write_json_atomic(path, self.identity)
         os.chmod(path, 0o600)
-        self._set_http_credentials()
         log.info("enrolled as %s (certificate valid until %s)", response.device_id, creds.not_after.isoformat())
 
     async def renew(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -51,20 +52,26 @@ class Cluster:
         self.ca_cert = workdir / "controller" / "tls" / "ca.pem"
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        # The controller stores this admin token (hashed) at start; CLI calls present it.
+        self.admin_token = secrets.token_urlsafe(32)
         self.env = {**os.environ, "FLEET_KEYS_DIR": str(workdir / "keys"), "FLEET_URL": self.url,
-                    "PYTHONUNBUFFERED": "1"}
+                    "PYTHONUNBUFFERED": "1", "FLEET_TOKEN": self.admin_token}
 
-    def _spawn(self, name: str, args: list[str]) -> None:
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
         log = (self.workdir / "logs" / f"{name}.log").open("ab")
-        self.procs[name] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+        self.procs[name] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env or self.env,
                                             start_new_session=True)
+
+    def client(self) -> Client:
+        return Client(self.url, token=self.admin_token)
 
     def start_controller(self) -> None:
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
         self._spawn("controller", fleet_cmd(
             "controller", "serve", "--data-dir", str(self.workdir / "controller"),
             "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
-            "--grpc-enroll-port", str(self.grpc_enroll_port), "--reconcile-interval", "0.5"))
+            "--grpc-enroll-port", str(self.grpc_enroll_port), "--reconcile-interval", "0.5"),
+            env={**self.env, "FLEET_ADMIN_TOKEN": self.admin_token})
 
     def agent_tls_args(self) -> list[str]:
         """How an agent finds and authenticates the controller: its CA and the enrolment port."""
@@ -198,7 +205,7 @@ def _story(cluster: Cluster, sm: Any, started: float, timeout: float) -> int:
     subprocess.run(fleet_cmd("keys", "init", "--keys-dir", str(env_keys)), check=True, env=cluster.env,
                    stdout=subprocess.DEVNULL)
     cluster.start_controller()
-    client = Client(cluster.url)
+    client = cluster.client()
     wait_for("the controller", lambda: client.get("/readyz") is not None, 60, cluster)
     models_dir = work / "models"
     models_dir.mkdir(exist_ok=True)

@@ -17,6 +17,7 @@ import typer
 from typer.core import TyperGroup
 
 from fleet.cli.client import (
+    GLOBAL,
     Client,
     CliError,
     console,
@@ -57,11 +58,23 @@ def _json(output: str) -> bool:
 
 
 def parse_duration(text: str) -> float:
-    """'90', '90s', '10m', '1h' -> seconds."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    """'90', '90s', '10m', '1h', '30d' -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
     if not match:
-        raise CliError(f"invalid duration {text!r}: use e.g. 90s, 10m or 1h", code=2)
-    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+        raise CliError(f"invalid duration {text!r}: use e.g. 90s, 10m, 1h or 30d", code=2)
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+@app.callback()
+def _global_options(
+    token: Annotated[str | None, typer.Option(
+        "--token", help="API token for the controller (else FLEET_TOKEN, else the config file).")] = None,
+    ca_cert: Annotated[str | None, typer.Option(
+        "--ca-cert", help="CA certificate to verify an https controller (else FLEET_CA_CERT, else the config).")] = None,
+) -> None:
+    """Fleet deployment and over-the-air manager for ML models on edge devices."""
+    GLOBAL.token = token
+    GLOBAL.ca_cert = ca_cert
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,6 +136,31 @@ def controller_ca(
         return
     out.write_bytes(data)
     console.print(f"device CA certificate written to {out}")
+
+
+controller_token_app = typer.Typer(help="API tokens, straight on the controller's database (recovery).",
+                                   no_args_is_help=True)
+controller_app.add_typer(controller_token_app, name="token")
+
+
+@controller_token_app.command("create")
+def controller_token_create(
+    role: Annotated[str, typer.Option(help="viewer, operator or admin.")],
+    name: Annotated[str, typer.Option(help="Who or what the token is for.")],
+    ttl: Annotated[str | None, typer.Option(help="Lifetime, e.g. 12h or 30d (default: until revoked).")] = None,
+    data_dir: Annotated[Path | None, typer.Option(envvar="FLEET_DATA_DIR", help="The controller's state directory.")] = None,
+    db_url: Annotated[str | None, typer.Option(envvar="FLEET_DB_URL", help="SQLAlchemy URL of its database.")] = None,
+) -> None:
+    """Make an API token without the REST API (e.g. when no admin token is at hand); prints it once."""
+    from fleet.controller import access
+    from fleet.controller.settings import ControllerSettings
+
+    overrides: dict[str, Any] = {k: v for k, v in (("data_dir", data_dir), ("db_url", db_url)) if v is not None}
+    settings = ControllerSettings(**overrides)
+    plaintext, token_id = access.create_token_in_database(
+        settings.db_url, name=name, role=role, ttl_s=parse_duration(ttl) if ttl else None)
+    err_console.print(f"API token {token_id} ({name!r}, role {role}) created; it is shown only now:")
+    sys.stdout.write(plaintext + "\n")
 
 
 agent_app = typer.Typer(help="Run the device agent.", no_args_is_help=True)
@@ -469,6 +507,108 @@ def tokens_ls(controller: ControllerOpt = None, output: OutputOpt = "table") -> 
         table("enrolment tokens", ["id", "uses", "max uses", "expires", "labels", "revoked"], [
             [t.get("id"), t.get("uses"), t.get("max_uses"), t.get("expires_at"), labels_text(t.get("labels")),
              t.get("revoked")] for t in data])
+
+
+# ---------------------------------------------------------------------------------------------
+# operator access: API tokens, login, whoami
+# ---------------------------------------------------------------------------------------------
+
+access_app = typer.Typer(help="API tokens for operators and scripts (admin role).", no_args_is_help=True)
+app.add_typer(access_app, name="access")
+
+
+def _access_rows(data: list[dict[str, Any]]) -> list[list[Any]]:
+    def state(t: dict[str, Any]) -> str:
+        if t.get("revoked_at"):
+            return "revoked"
+        return "active" if t.get("active") else "expired"
+
+    return [[t.get("id"), t.get("name"), t.get("role"), state(t), when(t.get("created_at")),
+             when(t.get("expires_at")) or "never", when(t.get("last_used_at"))] for t in data]
+
+
+_ACCESS_COLUMNS = ["id", "name", "role", "state", "created", "expires", "last used"]
+
+
+@access_app.command("create")
+def access_create(
+    name: Annotated[str, typer.Argument(help="Who or what the token is for.")],
+    role: Annotated[str, typer.Option(help="viewer, operator or admin.")] = "viewer",
+    ttl: Annotated[str | None, typer.Option(help="Lifetime, e.g. 12h or 30d (default: until revoked).")] = None,
+    controller: ControllerOpt = None,
+    output: OutputOpt = "table",
+) -> None:
+    """Create an API token (its plain text is shown only now)."""
+    body: dict[str, Any] = {"name": name, "role": role}
+    if ttl:
+        body["ttl_seconds"] = int(parse_duration(ttl))
+    data = Client(controller).post("/api/v1/access-tokens", json=body)
+    if _json(output):
+        emit_json(data)
+    else:
+        console.print(f"token [bold]{data['token']}[/] (id {data['id']}, role {data['role']}, expires "
+                      f"{when(data.get('expires_at')) or 'never'}); it is shown only now", markup=True, highlight=False)
+
+
+@access_app.command("ls")
+def access_ls(controller: ControllerOpt = None, output: OutputOpt = "table") -> None:
+    """List API tokens (never their secrets)."""
+    data = Client(controller).get("/api/v1/access-tokens")
+    if _json(output):
+        emit_json(data)
+    else:
+        table("API tokens", _ACCESS_COLUMNS, _access_rows(data))
+
+
+@access_app.command("revoke")
+def access_revoke(token_id: Annotated[str, typer.Argument(help="The token's id (`fleet access ls`).")],
+                  controller: ControllerOpt = None, output: OutputOpt = "table") -> None:
+    """Revoke an API token: the controller refuses it from now on."""
+    data = Client(controller).post(f"/api/v1/access-tokens/{token_id}/revoke")
+    if _json(output):
+        emit_json(data)
+    else:
+        console.print(f"revoked {data['id']} ({data['name']})")
+
+
+@app.command("whoami")
+def whoami(controller: ControllerOpt = None, output: OutputOpt = "table") -> None:
+    """Show who the CLI's token is: id, name, role."""
+    data = Client(controller).get("/api/v1/whoami")
+    if _json(output):
+        emit_json(data)
+    else:
+        console.print(f"{data.get('name')} ({data.get('kind')} {data.get('id')}), role {data.get('role')}")
+
+
+@app.command("login")
+def login(
+    token: Annotated[str | None, typer.Option("--token", help="The API token to store (else the global --token).")] = None,
+    url: Annotated[str | None, typer.Option("--url", help="The controller's REST URL to store.")] = None,
+    ca_cert: Annotated[Path | None, typer.Option("--ca-cert", help="CA certificate for an https controller.")] = None,
+    verify: Annotated[bool, typer.Option(help="Check the token against the controller first.")] = True,
+) -> None:
+    """Store the controller URL and token in the CLI config (mode 0600; FLEET_CONFIG picks the file)."""
+    from fleet.cli.client import config_path, load_config, write_config
+
+    token = token or GLOBAL.token
+    if not token:
+        raise CliError("give the token to store: `fleet login --token TOKEN`", code=2)
+    path = config_path()
+    try:
+        values = load_config(path)
+    except CliError:
+        values = {}  # an unsafe old file is replaced by a safe one
+    values["token"] = token
+    if url:
+        values["url"] = url.rstrip("/")
+    if ca_cert:
+        values["ca_cert"] = str(ca_cert.expanduser().resolve())
+    if verify:
+        who = Client(values.get("url"), token=token, ca_cert=values.get("ca_cert")).get("/api/v1/whoami")
+        console.print(f"token accepted: {who.get('name')} ({who.get('id')}), role {who.get('role')}")
+    write_config(values, path)
+    console.print(f"saved to {path} (mode 0600)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ Rules this module enforces:
 - a JSON body the handlers could not take safely is refused with 400 before routing: not UTF-8,
   nested deeper than `MAX_JSON_DEPTH`, holding NaN/Infinity (not JSON, and unstorable in
   PostgreSQL) or integers too long to convert; other malformed JSON gets FastAPI's 422;
-- every error leaves as `{"error", "message", "details"}` (see `fleet.controller.api.errors`).
+- every error leaves as `{"error", "message", "details"}` (see `fleet.controller.api.errors`);
+- every route declares who may call it (`fleet.controller.api.deps`: PUBLIC, VIEWER, OPERATOR,
+  ADMIN, DEVICE_OR_VIEWER); `/metrics` needs a viewer token unless `metrics_public` is set.
 """
 
 from __future__ import annotations
@@ -18,18 +20,23 @@ import json
 import re
 
 from fastapi import FastAPI, Response
+from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fleet.controller import access
+from fleet.controller.api import access_tokens, devices, health, models, rollouts, tokens, trust
 from fleet.controller.api import device_ca as device_ca_api
-from fleet.controller.api import devices, health, models, rollouts, tokens, trust
 from fleet.controller.api import drift as drift_api
 from fleet.controller.api import reports as reports_api
-from fleet.controller.api.errors import error_body, install_error_handlers
+from fleet.controller.api.deps import PUBLIC, VIEWER, authenticate_request
+from fleet.controller.api.errors import error_body, fleet_error_response, install_error_handlers
 from fleet.controller.context import ControllerContext
 from fleet.controller.metrics import ControllerMetrics
 from fleet.controller.web import router as web_router
 from fleet.core.bundle import json_depth
+from fleet.core.errors import FleetError
 
 UPLOAD_PATH_RE = re.compile(r"^/api/v1/models/[^/]+/versions/?$")
 # Multipart framing and the targets.json part ride along with the bundle.
@@ -218,6 +225,32 @@ async def _send_json(send: Send, status: int, payload: dict[str, object]) -> Non
     await send({"type": "http.response.body", "body": body})
 
 
+class UploadAuthMiddleware:
+    """Checks an upload's credentials before its body streams in.
+
+    FastAPI parses a multipart body (spooling it to disk) before it runs route dependencies, so
+    without this an anonymous client could make the controller store gigabytes only to be told
+    401. The route still declares OPERATOR; this answers the same refusal earlier.
+    """
+
+    def __init__(self, app: ASGIApp, ctx: ControllerContext) -> None:
+        self.app = app
+        self.ctx = ctx
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST" or not UPLOAD_PATH_RE.match(scope.get("path", "")):
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        try:
+            principal = await run_in_threadpool(authenticate_request, self.ctx, headers)
+            access.authorize(principal, "operator")
+        except FleetError as exc:
+            await fleet_error_response(exc)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def create_app(ctx: ControllerContext) -> FastAPI:
     """The REST application over one controller context (no lifespan work: the server owns that)."""
     app = FastAPI(
@@ -238,11 +271,14 @@ def create_app(ctx: ControllerContext) -> FastAPI:
         device_ca_api.router,
         drift_api.router,
         reports_api.router,
+        access_tokens.router,
+        access_tokens.whoami_router,
         web_router,  # the dashboard: `/` redirects to `/ui/`
     ):
         app.include_router(router)
     settings = ctx.settings
     app.add_middleware(JsonBodyGuardMiddleware)  # inside the size limit: it buffers what that let through
+    app.add_middleware(UploadAuthMiddleware, ctx=ctx)
     app.add_middleware(
         BodySizeLimitMiddleware,
         default_limit=settings.max_request_body_bytes,
@@ -250,7 +286,10 @@ def create_app(ctx: ControllerContext) -> FastAPI:
     )
     if ctx.metrics is not None:
         metrics = ctx.metrics
-        app.add_api_route("/metrics", lambda: _metrics_response(metrics), methods=["GET"], include_in_schema=False)
+        # Scrapers send a viewer token unless the operator chose public metrics.
+        metrics_access = PUBLIC if settings.metrics_public else VIEWER
+        app.add_api_route("/metrics", lambda: _metrics_response(metrics), methods=["GET"], include_in_schema=False,
+                          dependencies=[metrics_access])
         app.add_middleware(_MetricsMiddleware, metrics=metrics)
     return app
 

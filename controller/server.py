@@ -27,15 +27,15 @@ import grpc
 import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from fleet.controller import access, pki
 from fleet.controller import devices as devices_svc
-from fleet.controller import pki
 from fleet.controller.app import create_app
 from fleet.controller.context import ControllerContext, build_context
 from fleet.controller.coordination import LocalCoordinator, PostgresCoordinator
 from fleet.controller.engine import Reconciler
 from fleet.controller.grpc_service import AgentService, DesiredStateHub, RejectMalformedInterceptor
 from fleet.controller.settings import ControllerSettings
-from fleet.core.errors import NotFoundError
+from fleet.core.errors import InvalidInputError, NotFoundError
 from fleet.proto.fleet.v1 import fleet_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,11 @@ class Controller:
 
     def __init__(self, settings: ControllerSettings) -> None:
         self.settings = settings
+        self.http_tls = http_tls_options(settings)  # before any state: a bad TLS setting fails at once
         self.ctx: ControllerContext = build_context(settings)
+        # Always leave a way in: the configured admin token, or a fresh one in <data_dir>/admin.token.
+        access.ensure_bootstrap_admin(self.ctx.session_factory, admin_token=settings.admin_token,
+                                      data_dir=settings.data_dir)
         self.hub = DesiredStateHub()
         self.reconciler = Reconciler(self.ctx)
         self.loop = ReconcileLoop(self.reconciler, settings.reconcile_interval_s, self.ctx)
@@ -218,6 +222,8 @@ class Controller:
             log_level="warning",
             lifespan="off",
             timeout_graceful_shutdown=2,
+            ssl_certfile=self.http_tls.get("ssl_certfile"),
+            ssl_keyfile=self.http_tls.get("ssl_keyfile"),
         )
         http = _EmbeddedHttpServer(config)
         http_task = asyncio.create_task(http.serve())
@@ -233,10 +239,10 @@ class Controller:
                                 is_leader=lambda: self.coordinator.is_leader)
             gitops_task = asyncio.create_task(gitops.run(self.stop_event))
         log.info(
-            "controller serving REST on http://%s:%s, gRPC on %s:%s (mutual TLS) and enrolment on %s:%s (TLS); "
+            "controller serving REST on %s://%s:%s, gRPC on %s:%s (mutual TLS) and enrolment on %s:%s (TLS); "
             "device CA %s valid until %s",
-            self.settings.http_host, self.settings.http_port, self.settings.grpc_host, self.grpc_port,
-            self.settings.grpc_host, self.grpc_enroll_port,
+            "https" if self.http_tls else "http", self.settings.http_host, self.settings.http_port,
+            self.settings.grpc_host, self.grpc_port, self.settings.grpc_host, self.grpc_enroll_port,
             self.settings.ca_cert_file or self.settings.tls_dir / pki.CA_CERT_NAME,
             self.ca.cert.not_valid_after_utc.isoformat(),
         )
@@ -260,6 +266,22 @@ class Controller:
     def stop(self) -> None:
         if self.stop_event is not None:
             self.stop_event.set()
+
+
+def http_tls_options(settings: ControllerSettings) -> dict[str, str]:
+    """uvicorn's TLS arguments for REST: empty for plain HTTP, the certificate and key files for HTTPS."""
+    if not settings.http_tls:
+        return {}
+    cert, key = settings.http_tls_cert, settings.http_tls_key
+    if cert is None or key is None:
+        raise InvalidInputError(
+            "http_tls needs http_tls_cert and http_tls_key: set FLEET_HTTP_TLS_CERT and FLEET_HTTP_TLS_KEY "
+            "to PEM files (certificate chain and its private key)"
+        )
+    for what, path in (("http_tls_cert", cert), ("http_tls_key", key)):
+        if not path.expanduser().is_file():
+            raise InvalidInputError(f"{what} {path} is not a readable file")
+    return {"ssl_certfile": str(cert.expanduser()), "ssl_keyfile": str(key.expanduser())}
 
 
 def run(settings: ControllerSettings) -> None:

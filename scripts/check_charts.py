@@ -83,6 +83,12 @@ SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
                             "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
                             "scrapeTimeout": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
                             "honorLabels": {"type": "boolean"},
+                            "bearerTokenSecret": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "required": ["name", "key"],
+                                "properties": {"name": _STR, "key": _STR, "optional": {"type": "boolean"}},
+                            },
                         },
                     },
                 },

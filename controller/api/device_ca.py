@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from fleet.controller.api.deps import Ctx
+from fleet.controller.api.deps import VIEWER, Ctx
 from fleet.controller.pki import CA_CERT_NAME
 from fleet.core.errors import NotFoundError
 
 router = APIRouter(prefix="/api/v1/trust", tags=["trust"])
 
 
-@router.get("/ca", summary="The controller's device CA certificate (PEM), for provisioning agents")
+@router.get("/ca", dependencies=[VIEWER],
+            summary="The controller's device CA certificate (PEM), for provisioning agents")
 def device_ca(ctx: Ctx) -> Response:
     settings = ctx.settings
     path = settings.ca_cert_file or settings.tls_dir / CA_CERT_NAME

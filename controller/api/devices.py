@@ -5,13 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from fleet.controller import devices as devices_svc
-from fleet.controller.api.deps import Ctx, SessionDep
+from fleet.controller.api.deps import ADMIN, VIEWER, Ctx, SessionDep
 from fleet.controller.api.schemas import DeviceDetail, DevicePublic
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
 
 
-@router.get("", summary="List devices (optionally by label selector and connection)")
+@router.get("", dependencies=[VIEWER], summary="List devices (optionally by label selector and connection)")
 def list_devices(
     session: SessionDep,
     selector: str | None = None,
@@ -26,13 +26,14 @@ def list_devices(
     return [DevicePublic.from_row(d) for d in rows]
 
 
-@router.get("/{device_id}", summary="Show a device: labels, hardware, models, update state, events")
+@router.get("/{device_id}", dependencies=[VIEWER],
+            summary="Show a device: labels, hardware, models, update state, events")
 def get_device(device_id: str, session: SessionDep) -> DeviceDetail:
     device = devices_svc.get_device(session, device_id)
     return DeviceDetail.from_rows(device, devices_svc.recent_events(session, device_id))
 
 
-@router.post("/{device_id}/decommission", summary="Revoke a device's identity")
+@router.post("/{device_id}/decommission", dependencies=[ADMIN], summary="Revoke a device's identity")
 def decommission(device_id: str, session: SessionDep, ctx: Ctx) -> DevicePublic:
     device = devices_svc.decommission_device(session, device_id)
     session.commit()

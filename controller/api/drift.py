@@ -12,12 +12,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 
 from fleet.controller import drift as drift_svc
-from fleet.controller.api.deps import Ctx, SessionDep
+from fleet.controller.api.deps import VIEWER, Ctx, SessionDep
 
 router = APIRouter(prefix="/api/v1/drift", tags=["drift"])
 
 
-@router.get("", summary="Drift of serving models per device, label group and version")
+@router.get("", dependencies=[VIEWER], summary="Drift of serving models per device, label group and version")
 def get_drift(
     *,
     session: SessionDep,

@@ -80,12 +80,25 @@ def _safe(details: dict[str, Any]) -> Any:
         return {k: str(v) for k, v in details.items()}
 
 
-async def _fleet_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, E.FleetError)
+def fleet_error_response(exc: E.FleetError) -> JSONResponse:
+    """The response for a domain error (also used by middleware that runs before the routes)."""
     status = status_for(exc)
     if status >= 500:
         log.error("request failed: %s", exc, exc_info=exc)
-    return error_response(status, exc.code, exc.message, exc.details)
+    headers = {"WWW-Authenticate": www_authenticate(exc)} if status == 401 else None
+    return error_response(status, exc.code, exc.message, exc.details, headers=headers)
+
+
+async def _fleet_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, E.FleetError)
+    return fleet_error_response(exc)
+
+
+def www_authenticate(exc: E.FleetError) -> str:
+    """RFC 6750: name the scheme; say `invalid_token` when a token was sent but refused."""
+    if exc.details.get("reason") in (None, "missing"):
+        return 'Bearer realm="fleet"'
+    return 'Bearer realm="fleet", error="invalid_token"'
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:

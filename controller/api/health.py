@@ -6,19 +6,19 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from fleet.controller.api.deps import Ctx
+from fleet.controller.api.deps import PUBLIC, Ctx
 from fleet.controller.api.errors import error_response
 from fleet.controller.api.schemas import Status
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", summary="Liveness")
+@router.get("/healthz", dependencies=[PUBLIC], summary="Liveness")
 def healthz() -> Status:
     return Status(status="ok")
 
 
-@router.get("/readyz", summary="Readiness: the database is reachable", response_model=Status)
+@router.get("/readyz", dependencies=[PUBLIC], summary="Readiness: the database is reachable", response_model=Status)
 def readyz(ctx: Ctx) -> JSONResponse:
     try:
         with ctx.session_factory() as session:

@@ -16,7 +16,7 @@ from fastapi import APIRouter, File, Request, Response, UploadFile
 from fastapi.responses import RedirectResponse, StreamingResponse
 
 from fleet.controller import registry
-from fleet.controller.api.deps import Ctx, SessionDep
+from fleet.controller.api.deps import DEVICE_OR_VIEWER, OPERATOR, VIEWER, Ctx, SessionDep
 from fleet.controller.api.errors import error_response
 from fleet.controller.api.schemas import (
     AliasPublic,
@@ -50,7 +50,7 @@ def _model_public(summary: registry.ModelSummary) -> ModelPublic:
     )
 
 
-@router.post("/{name}/versions", status_code=201, summary="Upload a signed bundle")
+@router.post("/{name}/versions", status_code=201, dependencies=[OPERATOR], summary="Upload a signed bundle")
 def upload_version(
     name: str,
     ctx: Ctx,
@@ -65,22 +65,24 @@ def upload_version(
     return _public(ctx, mv)
 
 
-@router.get("", summary="List models")
+@router.get("", dependencies=[VIEWER], summary="List models")
 def list_models(session: SessionDep) -> list[ModelPublic]:
     return [_model_public(m) for m in registry.list_models(session)]
 
 
-@router.get("/{name}", summary="Show a model, its versions and aliases")
+@router.get("/{name}", dependencies=[VIEWER], summary="Show a model, its versions and aliases")
 def get_model(name: str, session: SessionDep) -> ModelPublic:
     return _model_public(registry.get_model(session, name))
 
 
-@router.get("/{name}/versions/{version}", summary="Show one version (or alias) with its manifest")
+@router.get("/{name}/versions/{version}", dependencies=[VIEWER],
+            summary="Show one version (or alias) with its manifest")
 def get_version(name: str, version: str, session: SessionDep, ctx: Ctx) -> ModelVersionPublic:
     return _public(ctx, registry.get_version(session, name, version))
 
 
-@router.delete("/{name}/versions/{version}", status_code=204, summary="Delete an unused version")
+@router.delete("/{name}/versions/{version}", status_code=204, dependencies=[OPERATOR],
+               summary="Delete an unused version")
 def delete_version(name: str, version: str, session: SessionDep, ctx: Ctx) -> Response:
     key = registry.delete_version(session, name, version)
     session.commit()
@@ -89,7 +91,7 @@ def delete_version(name: str, version: str, session: SessionDep, ctx: Ctx) -> Re
     return Response(status_code=204)
 
 
-@router.put("/{name}/aliases/{alias}", summary="Point an alias at a version")
+@router.put("/{name}/aliases/{alias}", dependencies=[OPERATOR], summary="Point an alias at a version")
 def set_alias(name: str, alias: str, body: AliasUpdate, session: SessionDep) -> AliasPublic:
     return AliasPublic.from_row(registry.set_alias(session, name, alias, body.version))
 
@@ -146,11 +148,13 @@ def _chunks(handle: BinaryIO, start: int, length: int) -> Iterator[bytes]:
 
 @router.get(
     "/{name}/versions/{version}/bundle",
+    dependencies=[DEVICE_OR_VIEWER],
     summary="Download a bundle (supports Range)",
     response_class=Response,
     responses={200: {"content": {"application/x-tar": {}}}, 206: {"description": "Partial content"}},
 )
-@router.head("/{name}/versions/{version}/bundle", include_in_schema=False, response_class=Response)
+@router.head("/{name}/versions/{version}/bundle", dependencies=[DEVICE_OR_VIEWER], include_in_schema=False,
+             response_class=Response)
 def download_bundle(name: str, version: str, request: Request, ctx: Ctx) -> Response:
     # A short session of its own: no transaction may stay open while a large body streams.
     with ctx.session_factory() as session:

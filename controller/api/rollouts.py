@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from fleet.controller.api.deps import Ctx, SessionDep
+from fleet.controller.api.deps import OPERATOR, VIEWER, Ctx, SessionDep
 from fleet.controller.api.schemas import RolloutAction, RolloutCreate
 from fleet.core.errors import InvalidInputError
 
@@ -19,7 +19,7 @@ router = APIRouter(prefix="/api/v1/rollouts", tags=["rollouts"])
 ACTIONS = ("pause", "resume", "promote", "abort")
 
 
-@router.post("", status_code=201, summary="Start a rollout of MODEL:VERSION")
+@router.post("", status_code=201, dependencies=[OPERATOR], summary="Start a rollout of MODEL:VERSION")
 def create_rollout(body: RolloutCreate, session: SessionDep, ctx: Ctx) -> dict[str, Any]:
     from fleet.controller import rollouts
 
@@ -39,7 +39,7 @@ def create_rollout(body: RolloutCreate, session: SessionDep, ctx: Ctx) -> dict[s
     return result
 
 
-@router.get("", summary="List rollouts")
+@router.get("", dependencies=[VIEWER], summary="List rollouts")
 def list_rollouts(
     session: SessionDep, model: str | None = None, phase: str | None = None
 ) -> list[dict[str, Any]]:
@@ -48,14 +48,14 @@ def list_rollouts(
     return rollouts.list_rollouts(session, model=model, phase=phase)
 
 
-@router.get("/{name}", summary="Show a rollout: steps, cohorts, devices, decisions")
+@router.get("/{name}", dependencies=[VIEWER], summary="Show a rollout: steps, cohorts, devices, decisions")
 def get_rollout(name: str, session: SessionDep) -> dict[str, Any]:
     from fleet.controller import rollouts
 
     return rollouts.rollout_detail(session, name)
 
 
-@router.post("/{name}/{action}", summary="pause | resume | promote | abort")
+@router.post("/{name}/{action}", dependencies=[OPERATOR], summary="pause | resume | promote | abort")
 def act_on_rollout(
     name: str, action: str, session: SessionDep, ctx: Ctx, body: RolloutAction | None = None
 ) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from tuf.api.metadata import Root
 
-from fleet.controller.api.deps import Ctx
+from fleet.controller.api.deps import ADMIN, OPERATOR, PUBLIC, VIEWER, Ctx
 from fleet.controller.api.models import MAX_TARGETS_BYTES
 from fleet.controller.api.schemas import OnlineKeyPublic, TrustRootPublic
 from fleet.core import trust as trust_rules
@@ -30,7 +30,7 @@ NO_STORE = {"Cache-Control": "no-store"}
 REFRESH_EVERY_S = 60.0
 
 
-@router.get("/online-key", summary="The controller's online public key (for `fleet keys init`)")
+@router.get("/online-key", dependencies=[VIEWER], summary="The controller's online public key (for `fleet keys init`)")
 def online_key(ctx: Ctx) -> OnlineKeyPublic:
     key = ctx.trust.online_public_key()
     return OnlineKeyPublic(
@@ -50,7 +50,7 @@ def _root_public(root: Root) -> TrustRootPublic:
     )
 
 
-@router.post("/root", summary="Install root.json (the first, or the next one of a rotation)")
+@router.post("/root", dependencies=[ADMIN], summary="Install root.json (the first, or the next one of a rotation)")
 async def install_root(request: Request, ctx: Ctx) -> TrustRootPublic:
     data = await request.body()
     if not data:
@@ -64,12 +64,13 @@ async def install_root(request: Request, ctx: Ctx) -> TrustRootPublic:
     return _root_public(await run_in_threadpool(install))
 
 
-@router.get("/root", summary="The installed root.json (to provision agents with)")
+@router.get("/root", dependencies=[VIEWER], summary="The installed root.json (to provision agents with)")
 def get_root(ctx: Ctx) -> Response:
     return Response(ctx.trust.get("root.json"), media_type=JSON)
 
 
-@router.post("/targets", summary="Publish a targets.json re-signed by the operator (policy, key change)")
+@router.post("/targets", dependencies=[OPERATOR],
+             summary="Publish a targets.json re-signed by the operator (policy, key change)")
 async def publish_targets(request: Request, ctx: Ctx) -> dict[str, int]:
     data = await request.body()
     if not data:
@@ -80,7 +81,8 @@ async def publish_targets(request: Request, ctx: Ctx) -> dict[str, int]:
     return {"version": targets.version, "targets": len(targets.targets)}
 
 
-@router.get("/targets", summary="The current signed targets.json (to sign the next push on top of)")
+@router.get("/targets", dependencies=[VIEWER],
+            summary="The current signed targets.json (to sign the next push on top of)")
 def get_targets(ctx: Ctx) -> Response:
     try:
         data = ctx.trust.get("targets.json")
@@ -99,7 +101,7 @@ def _maybe_refresh(request: Request, ctx: Ctx) -> None:
         ctx.trust.refresh()
 
 
-@tuf_router.get("/{filename}", summary="TUF metadata for agents")
+@tuf_router.get("/{filename}", dependencies=[PUBLIC], summary="TUF metadata for agents")
 def tuf_file(filename: str, request: Request, ctx: Ctx) -> Response:
     if not trust_rules.PUBLISHED_NAME_RE.match(filename):
         raise NotFoundError(f"{filename!r} is not a metadata file this controller publishes")

@@ -20,6 +20,7 @@ from pathlib import Path
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 
+from fleet.controller.api.deps import PUBLIC
 from fleet.core.errors import NotFoundError
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -89,23 +90,23 @@ def _serve(request: Request, name: str) -> Response:
     return Response(asset.body, media_type=asset.media_type, headers=headers)
 
 
-@router.get("/")
+@router.get("/", dependencies=[PUBLIC])
 def root() -> RedirectResponse:
     return RedirectResponse(UI_PREFIX, status_code=307)
 
 
-@router.get("/ui")
+@router.get("/ui", dependencies=[PUBLIC])
 def ui_no_slash() -> RedirectResponse:
     # Relative asset URLs in the page resolve against /ui/, so the slash matters.
     return RedirectResponse(UI_PREFIX, status_code=307)
 
 
-@router.get(UI_PREFIX)
+@router.get(UI_PREFIX, dependencies=[PUBLIC])
 def index(request: Request) -> Response:
     return _serve(request, "index.html")
 
 
-@router.get(UI_PREFIX + "{name}")
+@router.get(UI_PREFIX + "{name}", dependencies=[PUBLIC])
 def asset(name: str, request: Request) -> Response:
     return _serve(request, name)
 

@@ -33,6 +33,11 @@ class FleetWorld:
         # Where agents reach the controller's REST URL (metadata, bundles): the controller, or a proxy.
         self.agent_url: str | None = None
 
+    @property
+    def auth(self) -> dict[str, str]:
+        """Headers for direct REST calls: the admin token the controller was started with."""
+        return {"Authorization": f"Bearer {self.cluster.admin_token}"}
+
     # -- processes ------------------------------------------------------------------------
 
     def start(self) -> None:

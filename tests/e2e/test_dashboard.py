@@ -5,7 +5,9 @@ when an operator opens the dashboard, starts a canary rollout of v2 and watches 
 then the overview lists exactly the devices and versions the API has, the rollout page follows
 the rollout live to its end and draws its gate metrics and cohorts, the device page shows its
 slots and update events, API strings are shown as text (never parsed as HTML), and the browser
-logs no errors. Screenshots are kept in `test-artifacts/dashboard/`.
+logs no errors. The page asks for an API token first (a viewer token is enough), keeps it in
+sessionStorage (never in a URL) and sends it as a bearer header; a refused token brings the
+prompt back with the controller's reason. Screenshots are kept in `test-artifacts/dashboard/`.
 
 Chromium is Debian's package (`scripts/install_browser.sh`), driven by Playwright through its
 executable path: no browser is ever downloaded.
@@ -114,10 +116,18 @@ def test_overview_rollout_and_device_pages(browser: Browser, fleet: FleetWorld) 
     ids = sorted(d["id"] for d in devices)
     assert len(ids) == 2
 
-    # When the operator opens the dashboard
+    # When the operator opens the dashboard, it asks for a token before loading any data
+    viewer = fleet.json("access", "create", "wall-screen", "--role", "viewer")["token"]
     page.goto(fleet.cluster.url + "/")
-    page.wait_for_selector("[data-testid=device-row]")
+    page.wait_for_selector("[data-testid=login]")
+    assert page.locator("[data-testid=device-row]").count() == 0
     assert page.url.endswith("/ui/")
+    # And with a viewer token it shows the fleet; the token stays out of the URL, in this tab's storage
+    page.fill("[data-testid=token-input]", viewer)
+    page.click("[data-testid=token-submit]")
+    page.wait_for_selector("[data-testid=device-row]")
+    assert viewer not in page.url
+    assert page.evaluate("() => sessionStorage.getItem('fleet.apiToken')") == viewer
 
     # Then it lists exactly the API's devices, with the versions each one serves
     assert sorted(browser.attrs("[data-testid=device-row]", "data-device")) == ids
@@ -207,3 +217,31 @@ def test_overview_rollout_and_device_pages(browser: Browser, fleet: FleetWorld) 
 
     # And nothing went wrong in the browser along the way
     assert browser.errors == []
+
+
+def test_refused_token_brings_the_prompt_back(browser: Browser, fleet: FleetWorld) -> None:
+    # Given a page in a fresh tab (its own sessionStorage), and a token an admin then revokes
+    page = browser.page.context.new_page()
+    try:
+        made = fleet.json("access", "create", "short-lived", "--role", "viewer")
+        page.goto(fleet.cluster.url + "/ui/")
+        page.fill("[data-testid=token-input]", made["token"])
+        page.click("[data-testid=token-submit]")
+        page.wait_for_selector("[data-testid=device-row]")
+        fleet.fleet("access", "revoke", made["id"])
+
+        # When the page polls again, then it asks for a token and says why the old one was refused
+        page.wait_for_selector("[data-testid=login]:not([hidden])", timeout=15_000)
+        assert "revoked" in page.inner_text("[data-testid=login-error]")
+        assert page.locator("[data-testid=device-row]").count() == 0 or not page.is_visible("#view")
+        assert page.evaluate("() => sessionStorage.getItem('fleet.apiToken')") is None
+
+        # And signing out forgets the token
+        page.fill("[data-testid=token-input]", fleet.cluster.admin_token)
+        page.click("[data-testid=token-submit]")
+        page.wait_for_selector("[data-testid=device-row]")
+        page.click("[data-testid=signout]")
+        page.wait_for_selector("[data-testid=login]:not([hidden])")
+        assert page.evaluate("() => sessionStorage.getItem('fleet.apiToken')") is None
+    finally:
+        page.close()

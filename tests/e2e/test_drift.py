@@ -106,7 +106,7 @@ def test_input_shift_on_two_devices_raises_drift_for_exactly_them_and_their_grou
     assert "DRIFTING" in table and "dock" in table
 
     # And Prometheus sees the same: the dock group's PSI over the threshold, two drifting devices
-    families = text_string_to_metric_families(httpx.get(f"{world.cluster.url}/metrics").text)
+    families = text_string_to_metric_families(httpx.get(f"{world.cluster.url}/metrics", headers=world.auth).text)
     samples = [s for f in families for s in f.samples]
     psi = {s.labels["group"]: s.value for s in samples
            if s.name == "fleet_drift_psi" and s.labels["model"] == "cls" and s.labels["group"]}

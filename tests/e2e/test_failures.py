@@ -110,14 +110,15 @@ def test_bundle_that_is_not_a_valid_onnx_model(world: FleetWorld, serving_v1: li
     bundle = world.workdir / "garbage.tar"
     _garbage_bundle(bundle, "v3")
     url = world.cluster.url
-    current = httpx.get(f"{url}/api/v1/trust/targets").content
+    current = httpx.get(f"{url}/api/v1/trust/targets", headers=world.auth).content
     targets = add_target(
         current, (world.keys / "root.json").read_bytes(), load_signer(world.keys / "release.key"),
         target_path=target_path_for(MODEL, "v3"), length=bundle.stat().st_size,
         sha256=hashlib.sha256(bundle.read_bytes()).hexdigest(), custom={"model": MODEL, "version": "v3"},
     )
     response = httpx.post(f"{url}/api/v1/models/{MODEL}/versions",
-                          files={"bundle": ("bundle.tar", bundle.read_bytes()), "targets": ("targets.json", targets)})
+                          files={"bundle": ("bundle.tar", bundle.read_bytes()), "targets": ("targets.json", targets)},
+                          headers=world.auth)
     assert response.status_code == 201, response.text
 
     # When it is rolled out, then loading fails on the device, v1 keeps serving, the reason is shown
@@ -146,7 +147,7 @@ def test_device_provisioned_with_another_root_refuses_metadata(world: FleetWorld
     rogue_keys = world.workdir / "rogue-keys"
     rogue_keys.mkdir()
     generate_key_pair(rogue_keys / "release.key")
-    online = httpx.get(f"{world.cluster.url}/api/v1/trust/online-key").json()
+    online = httpx.get(f"{world.cluster.url}/api/v1/trust/online-key", headers=world.auth).json()
     rogue_root = new_root(load_signer(rogue_keys / "release.key"), load_public_key(rogue_keys / "release.pub"),
                           load_public_key(online["public_key_pem"]))
     good_root = world.root.read_bytes()

@@ -105,7 +105,7 @@ def test_promotion_then_automatic_rollback(world: FleetWorld) -> None:
     served = [s for f in text_string_to_metric_families(agent_text) for s in f.samples
               if s.name == "fleet_agent_inference_requests_total" and s.labels["role"] == "serving"]
     assert sum(s.value for s in served) > 0
-    controller_text = httpx.get(f"{world.cluster.url}/metrics").text
+    controller_text = httpx.get(f"{world.cluster.url}/metrics", headers=world.auth).text
     verdicts = {s.labels["verdict"]: s.value for f in text_string_to_metric_families(controller_text)
                 for s in f.samples if s.name == "fleet_gate_verdicts_total"}
     assert verdicts.get("Fail", 0) >= 1 and verdicts.get("Pass", 0) >= 2

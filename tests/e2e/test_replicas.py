@@ -68,7 +68,8 @@ def test_two_replicas_failover_mid_rollout(tmp_path: Path, database: str) -> Non
         cluster._spawn(name, fleet_cmd("controller", "serve", "--data-dir", str(data_dir),
                                        "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
                                        "--grpc-enroll-port", str(ports["enroll"]),
-                                       "--reconcile-interval", "0.5"))
+                                       "--reconcile-interval", "0.5"),
+                       env={**cluster.env, "FLEET_ADMIN_TOKEN": cluster.admin_token})
 
     try:
         # Given replica A (leader) and replica B (where the agents and the operator are)

@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
+from fleet.controller import access
 from fleet.controller import devices as devices_svc
 from fleet.controller.app import create_app
 from fleet.controller.context import ControllerContext, build_context
@@ -50,6 +51,10 @@ class World:
     app: Any
     # Path parameter name -> a value naming a real object.
     path_ids: dict[str, str]
+    # Every fuzzed request is made as an admin: the handlers, not the access check, are under test.
+    auth: dict[str, str]
+    # A viewer API token that the access-token routes can find (and revoke).
+    access_token_id: str
 
 
 def _seed(tmp_path: Path) -> World:
@@ -61,7 +66,11 @@ def _seed(tmp_path: Path) -> World:
     )
     ctx = build_context(settings_)
     app = create_app(ctx)
-    with TestClient(app) as client:
+    auth = access.admin_headers(ctx, name="fuzz-admin")
+    with ctx.session_factory() as session, session.begin():
+        _, viewer = access.create_token(session, name="fuzz-viewer", role="viewer")
+        access_token_id = viewer.id
+    with TestClient(app, headers=auth) as client:
         release_key = tmp_path / "ops" / "release.key"
         trust.generate_key_pair(release_key)
         signer = trust.load_signer(release_key)
@@ -116,7 +125,7 @@ def _seed(tmp_path: Path) -> World:
     path_ids = {
         "name": MODEL, "version": VERSION, "alias": "stable", "device_id": DEVICE, "token_id": token_id,
     }
-    return World(ctx=ctx, app=app, path_ids=path_ids)
+    return World(ctx=ctx, app=app, path_ids=path_ids, auth=auth, access_token_id=access_token_id)
 
 
 @pytest.fixture
@@ -134,8 +143,10 @@ def api_schema(world: World) -> schemathesis.BaseSchema:
 schema = schemathesis.pytest.from_fixture("api_schema")
 
 
-def _call_and_check(case: schemathesis.Case) -> None:
+def _call_and_check(case: schemathesis.Case, world: World) -> None:
+    case.headers = {**(case.headers or {}), **world.auth}
     response = case.call()
+    assert response.status_code != 401, f"the admin token was refused: {response.text}"
     # Error bodies use the house shape ({"error", "message", "details"}), which FastAPI's generated
     # 422 schema does not describe; the schema is held to its word on successes only.
     checks: list[schemathesis.CheckFunction] = [not_a_server_error]
@@ -152,11 +163,11 @@ def _call_and_check(case: schemathesis.Case) -> None:
     suppress_health_check=list(HealthCheck),
 )
 def test_api_never_answers_with_a_server_error(case: schemathesis.Case, world: World) -> None:
-    _call_and_check(case)
+    _call_and_check(case, world)
     if case.path_parameters:
         # The same request against real objects: the handlers behind the lookups get fuzzed too.
         case.path_parameters = {key: _real_id(world, case, key, value) for key, value in case.path_parameters.items()}
-        _call_and_check(case)
+        _call_and_check(case, world)
 
 
 # Values that name real things, picked by the drawn value's hash so every one gets its turn.
@@ -172,4 +183,6 @@ def _real_id(world: World, case: schemathesis.Case, key: str, drawn: Any) -> Any
         return TUF_FILES[pick % len(TUF_FILES)]
     if key == "name" and case.operation.path.startswith("/api/v1/rollouts/"):
         return ROLLOUT
+    if key == "token_id" and case.operation.path.startswith("/api/v1/access-tokens/"):
+        return world.access_token_id
     return world.path_ids.get(key, drawn)

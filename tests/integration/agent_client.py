@@ -8,6 +8,7 @@ opens mutual-TLS channels to the device port with the certificate it got.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -22,6 +23,10 @@ from fleet.controller.settings import ControllerSettings
 from fleet.proto.fleet.v1 import fleet_pb2 as pb
 from fleet.proto.fleet.v1 import fleet_pb2_grpc as pb_grpc
 
+# The controller stores this admin token (hashed) at start; REST calls in these tests present it.
+ADMIN_TOKEN = secrets.token_urlsafe(32)
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -31,7 +36,8 @@ def free_port() -> int:
 
 def controller_settings(data_dir: Path, **overrides: Any) -> ControllerSettings:
     values: dict[str, Any] = {"data_dir": data_dir, "http_port": free_port(), "grpc_port": free_port(),
-                              "grpc_enroll_port": free_port(), "reconcile_interval_s": 0.2}
+                              "grpc_enroll_port": free_port(), "reconcile_interval_s": 0.2,
+                              "admin_token": ADMIN_TOKEN}
     values.update(overrides)
     return ControllerSettings(**values)
 
@@ -46,6 +52,7 @@ def run_with_controller(
     async def main() -> None:
         task = asyncio.create_task(controller.serve())
         assert await asyncio.to_thread(controller.started.wait, 30), "controller did not start"
+        await _until_listening(f"http://127.0.0.1:{settings.http_port}/healthz")
         try:
             await scenario(controller, f"127.0.0.1:{controller.grpc_port}", f"http://127.0.0.1:{settings.http_port}")
         finally:
@@ -55,19 +62,33 @@ def run_with_controller(
     asyncio.run(main())
 
 
+async def _until_listening(url: str, timeout: float = 15.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    async with httpx.AsyncClient() as client:
+        while True:
+            try:
+                if (await client.get(url)).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"the controller did not answer {url} within {timeout:.0f} s")
+            await asyncio.sleep(0.05)
+
+
 async def token(url: str, uses: int = 1, *, ttl: int = 60, device_id: str | None = None,
                 labels: dict[str, str] | None = None) -> str:
     body: dict[str, Any] = {"max_uses": uses, "ttl_seconds": ttl, "labels": labels or {}}
     if device_id:
         body["device_id"] = device_id
-    async with httpx.AsyncClient() as client:
+    async with httpx.AsyncClient(headers=AUTH) as client:
         response = await client.post(f"{url}/api/v1/enrollment-tokens", json=body)
         response.raise_for_status()
         return str(response.json()["token"])
 
 
 async def device_json(url: str, device_id: str) -> dict[str, Any]:
-    async with httpx.AsyncClient() as client:
+    async with httpx.AsyncClient(headers=AUTH) as client:
         response = await client.get(f"{url}/api/v1/devices/{device_id}")
         response.raise_for_status()
         return dict(response.json())

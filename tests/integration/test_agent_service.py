@@ -20,7 +20,7 @@ from fleet.controller.server import Controller
 from fleet.proto import convert
 from fleet.proto.fleet.v1 import fleet_pb2 as pb
 
-from .agent_client import DeviceIdentity, device_json, hello_stream, mtls_channel, run_with_controller, token
+from .agent_client import AUTH, DeviceIdentity, device_json, hello_stream, mtls_channel, run_with_controller, token
 
 __all__ = ["run_with_controller", "token"]  # shared with other integration tests
 
@@ -85,7 +85,7 @@ def test_enrol_sync_and_identity(tmp_path: Path) -> None:
             await expect_refused(other.read(), grpc.StatusCode.PERMISSION_DENIED)
 
             # Decommissioning ends the open stream, and its certificate stops working
-            async with httpx.AsyncClient() as client:
+            async with httpx.AsyncClient(headers=AUTH) as client:
                 (await client.post(f"{url}/api/v1/devices/cam-1/decommission")).raise_for_status()
             with pytest.raises(grpc.aio.AioRpcError) as ended:
                 while True:

@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 
 from fleet.controller import devices as devices_svc
 from fleet.controller import drift as drift_svc
+from fleet.controller.access import admin_headers
 from fleet.controller.app import create_app
 from fleet.controller.context import ControllerContext, build_context
 from fleet.controller.db import session_scope
@@ -70,7 +71,7 @@ def _fleet_reports(ctx: ControllerContext) -> None:
 
 def test_shifted_devices_and_their_group_are_drifting_and_nothing_else(ctx: ControllerContext) -> None:
     _fleet_reports(ctx)
-    with TestClient(create_app(ctx)) as client:
+    with TestClient(create_app(ctx), headers=admin_headers(ctx)) as client:
         response = client.get("/api/v1/drift", params={"model": "cls", "group_by": "site"})
     assert response.status_code == 200, response.text
     data = response.json()
@@ -125,7 +126,7 @@ def test_features_on_different_bins_are_combined_by_weighted_mean(ctx: Controlle
 
 
 def test_bad_queries_are_refused_with_a_clear_message(ctx: ControllerContext) -> None:
-    with TestClient(create_app(ctx)) as client:
+    with TestClient(create_app(ctx), headers=admin_headers(ctx)) as client:
         response = client.get("/api/v1/drift", params={"version": "v1"})
         assert response.status_code == 400 and "model" in response.json()["message"]
         assert client.get("/api/v1/drift", params={"since_s": -1}).status_code == 422

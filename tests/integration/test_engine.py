@@ -683,9 +683,10 @@ def test_regression_on_one_label_group_rolls_back_and_the_decision_names_it(flee
     # And the report and its time series are served over REST, built from the same evidence
     from fastapi.testclient import TestClient
 
+    from fleet.controller.access import admin_headers
     from fleet.controller.app import create_app
 
-    with TestClient(create_app(f.ctx)) as client:
+    with TestClient(create_app(f.ctx), headers=admin_headers(f.ctx)) as client:
         series = client.get(f"/api/v1/rollouts/{name}/timeseries")
         assert series.status_code == 200, series.text
         data = series.json()

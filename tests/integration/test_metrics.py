@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fleet.controller.server import Controller
 
-from .agent_client import DeviceIdentity, run_with_controller, token
+from .agent_client import AUTH, DeviceIdentity, run_with_controller, token
 
 
 def families(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -34,7 +34,7 @@ def test_metrics_report_fleet_state_and_requests(tmp_path: Path) -> None:
         await DeviceIdentity(controller, "cam-2").enroll(tok, labels={"site": "south"})
         with contextlib.suppress(grpc.aio.AioRpcError):
             await DeviceIdentity(controller, "cam-3").enroll("made-up")
-        async with httpx.AsyncClient(base_url=url) as client:
+        async with httpx.AsyncClient(base_url=url, headers=AUTH) as client:
             assert (await client.get("/api/v1/devices/cam-1")).status_code == 200
             assert (await client.get("/api/v1/devices/nope")).status_code == 404
             response = await client.get("/metrics")
@@ -62,7 +62,7 @@ def test_metrics_report_fleet_state_and_requests(tmp_path: Path) -> None:
 
 def test_metrics_route_needs_no_database_writes(tmp_path: Path) -> None:
     async def scenario(controller: object, target: str, url: str) -> None:
-        async with httpx.AsyncClient(base_url=url) as client:
+        async with httpx.AsyncClient(base_url=url, headers=AUTH) as client:
             first = (await client.get("/metrics")).text
             second = (await client.get("/metrics")).text
         assert "fleet_devices" in first and "fleet_gate_verdicts_total" in second

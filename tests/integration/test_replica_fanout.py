@@ -8,6 +8,7 @@ then `on_desired_changed`). B wakes through LISTEN/NOTIFY and pushes the new gen
 from __future__ import annotations
 
 import asyncio
+import secrets
 import socket
 import time
 import uuid
@@ -50,12 +51,16 @@ def db_url() -> Iterator[str]:
         admin.close()
 
 
+ADMIN_TOKEN = secrets.token_urlsafe(32)
+
+
 def test_change_on_one_replica_reaches_stream_on_another(tmp_path: Path, db_url: str) -> None:
     def settings(name: str) -> ControllerSettings:
         # Every replica signs and checks device certificates with the same CA (as from one Secret).
         return ControllerSettings(data_dir=tmp_path / name, db_url=db_url, http_port=_port(), grpc_port=_port(),
                                   grpc_enroll_port=_port(), reconcile_interval_s=0.5,
-                                  ca_cert_file=tmp_path / "ca" / "ca.pem", ca_key_file=tmp_path / "ca" / "ca.key")
+                                  ca_cert_file=tmp_path / "ca" / "ca.pem", ca_key_file=tmp_path / "ca" / "ca.key",
+                                  admin_token=ADMIN_TOKEN)
 
     load_or_create_ca(tmp_path / "ca")
     a, b = Controller(settings("a")), Controller(settings("b"))
@@ -66,7 +71,7 @@ def test_change_on_one_replica_reaches_stream_on_another(tmp_path: Path, db_url:
             assert await asyncio.to_thread(replica.started.wait, 30)
         try:
             url_a = f"http://127.0.0.1:{a.settings.http_port}"
-            async with httpx.AsyncClient() as http:
+            async with httpx.AsyncClient(headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as http:
                 token = (await http.post(f"{url_a}/api/v1/enrollment-tokens", json={"max_uses": 1})).json()["token"]
             cam = DeviceIdentity(a, "cam-1")
             await cam.enroll(token)  # enrolled through A, connected through B

@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from securesystemslib.signer import Key, Signer
 
 from fleet.controller import devices as devices_svc
+from fleet.controller.access import admin_headers
 from fleet.controller.app import create_app
 from fleet.controller.context import ControllerContext, build_context
 from fleet.controller.db import session_scope
@@ -69,7 +70,7 @@ def ctx(tmp_path: Path) -> Iterator[ControllerContext]:
 
 @pytest.fixture
 def client(ctx: ControllerContext) -> Iterator[TestClient]:
-    with TestClient(create_app(ctx)) as test_client:
+    with TestClient(create_app(ctx), headers=admin_headers(ctx)) as test_client:
         yield test_client
 
 

@@ -20,6 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from fleet.agent.download import download_bundle
+from fleet.controller.access import admin_headers
 from fleet.controller.app import create_app
 from fleet.controller.context import build_context
 from fleet.controller.settings import ControllerSettings
@@ -62,7 +63,7 @@ def test_push_redirect_resume_delete(tmp_path: Path, s3_endpoint: str, aws_env: 
                                   s3_prefix="prod", s3_endpoint_url=s3_endpoint, s3_region="us-east-1",
                                   public_url="http://testserver")
     ctx = build_context(settings)
-    client = TestClient(create_app(ctx))
+    client = TestClient(create_app(ctx), headers=admin_headers(ctx))
 
     # Given a release key, a root installed on the controller and a signed bundle
     generate_key_pair(tmp_path / "release.key")

@@ -106,6 +106,10 @@ app.kubernetes.io/component: agent
 {{- default (printf "%s-db" (include "edge-fleet.controller.fullname" .)) .Values.database.postgresql.existingSecret -}}
 {{- end -}}
 
+{{- define "edge-fleet.adminTokenSecretName" -}}
+{{- default (printf "%s-admin-token" (include "edge-fleet.controller.fullname" .)) .Values.controller.access.adminToken.existingSecret -}}
+{{- end -}}
+
 {{- define "edge-fleet.s3SecretName" -}}
 {{- default (printf "%s-s3" (include "edge-fleet.controller.fullname" .)) .Values.artifactStore.s3.existingSecret -}}
 {{- end -}}

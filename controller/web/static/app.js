@@ -8,7 +8,10 @@
  * - optional endpoints (drift, rollout report/timeseries) are used only when the controller's
  *   OpenAPI document lists them, so an older controller gets no 404s and no console errors;
  * - the page is redrawn only when the fetched JSON changed, so a steady page keeps its text
- *   selection and scroll position between polls.
+ *   selection and scroll position between polls;
+ * - the API token is asked for in a form, kept in sessionStorage (this tab only, never in a URL)
+ *   and sent as `Authorization: Bearer`; no data is fetched without one, a refused token brings
+ *   the form back with the controller's reason, and a too-weak role is shown in the banner.
  */
 (() => {
   "use strict";
@@ -24,6 +27,11 @@
   const crumbs = document.getElementById("crumbs");
   const banner = document.getElementById("banner");
   const live = document.getElementById("live");
+  const loginForm = document.getElementById("login");
+  const loginError = document.getElementById("login-error");
+  const tokenInput = document.getElementById("token");
+  const signout = document.getElementById("signout");
+  const TOKEN_KEY = "fleet.apiToken";
 
   // -- DOM helpers: text only ----------------------------------------------------------------
 
@@ -125,8 +133,35 @@
     }
   }
 
-  async function getJSON(path) {
-    const response = await fetch(path, { headers: { Accept: "application/json" }, cache: "no-store" });
+  function storedToken() {
+    try {
+      return sessionStorage.getItem(TOKEN_KEY) || "";
+    } catch (_ignored) {
+      return ""; // storage disabled: ask again on each load
+    }
+  }
+
+  let memoryToken = "";
+
+  function currentToken() {
+    return storedToken() || memoryToken;
+  }
+
+  function saveToken(token) {
+    memoryToken = token;
+    try {
+      if (token) sessionStorage.setItem(TOKEN_KEY, token);
+      else sessionStorage.removeItem(TOKEN_KEY);
+    } catch (_ignored) {
+      // storage disabled: the token lives in this page only
+    }
+  }
+
+  async function getJSON(path, options) {
+    const headers = { Accept: "application/json" };
+    const token = options && options.public ? "" : currentToken();
+    if (token) headers.Authorization = "Bearer " + token;
+    const response = await fetch(path, { headers, cache: "no-store", credentials: "omit" });
     if (!response.ok) {
       let message = response.status + " " + response.statusText;
       try {
@@ -146,7 +181,7 @@
   async function loadCapabilities() {
     if (capabilities !== null) return capabilities;
     try {
-      const doc = await getJSON("/openapi.json");
+      const doc = await getJSON("/openapi.json", { public: true });
       const paths = new Set(Object.keys(doc.paths || {}));
       capabilities = {
         drift: paths.has(API + "/drift"),
@@ -642,9 +677,48 @@
     live.textContent = text;
   }
 
+  function askForToken(message) {
+    clearTimeout(timer);
+    saveToken("");
+    lastKey = null;
+    view.hidden = true;
+    signout.hidden = true;
+    banner.hidden = true;
+    counts.replaceChildren();
+    loginError.textContent = message || "";
+    loginError.hidden = !message;
+    loginForm.hidden = false;
+    tokenInput.focus();
+    setLive("error", "signed out");
+  }
+
+  loginForm.addEventListener("submit", (event) => {
+    event.preventDefault(); // nothing is submitted anywhere: the token stays in this tab
+    const token = tokenInput.value.trim();
+    if (!token) return;
+    tokenInput.value = "";
+    saveToken(token);
+    loginForm.hidden = true;
+    view.hidden = false;
+    signout.hidden = false;
+    refresh();
+  });
+
+  signout.addEventListener("click", () => {
+    generation++;
+    askForToken("");
+  });
+
   async function refresh() {
     const mine = ++generation;
     clearTimeout(timer);
+    if (!currentToken()) {
+      askForToken("");
+      return;
+    }
+    loginForm.hidden = true;
+    view.hidden = false;
+    signout.hidden = false;
     try {
       const page = await route()();
       if (mine !== generation) return; // the user navigated meanwhile
@@ -657,6 +731,16 @@
       setLive("ok", "live · updated " + new Date().toLocaleTimeString(undefined, { hour12: false }));
     } catch (err) {
       if (mine !== generation) return;
+      if (err instanceof HttpError && err.status === 401) {
+        askForToken("The controller refused this token: " + err.message);
+        return;
+      }
+      if (err instanceof HttpError && err.status === 403) {
+        banner.textContent = "This token may not read this page: " + err.message;
+        banner.hidden = false;
+        setLive("error", "forbidden");
+        return;
+      }
       const notFound = err instanceof HttpError && err.status === 404;
       if (notFound) {
         lastKey = null;
