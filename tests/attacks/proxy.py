@@ -27,6 +27,9 @@ class Upstream:
 Rule = Callable[[str, "Upstream | None"], "Upstream"]
 
 
+FORWARDED = ("Range", "Authorization", "x-fleet-device-id")
+
+
 class AttackProxy:
     def __init__(self, upstream_url: str) -> None:
         self.upstream = upstream_url.rstrip("/")
@@ -40,7 +43,10 @@ class AttackProxy:
             protocol_version = "HTTP/1.1"
 
             def do_GET(self) -> None:
-                answer = proxy.answer(self.path, self.headers.get("Range"))
+                # The device's own request headers travel on: its Range, and its credentials (the
+                # controller serves bundles only to enrolled devices and operators).
+                forwarded = {name: value for name in FORWARDED if (value := self.headers.get(name))}
+                answer = proxy.answer(self.path, forwarded)
                 self.send_response(answer.status)
                 self.send_header("Content-Type", answer.content_type)
                 self.send_header("Content-Length", str(len(answer.body)))
@@ -57,23 +63,23 @@ class AttackProxy:
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
-    def answer(self, path: str, range_header: str | None) -> Upstream:
+    def answer(self, path: str, headers: dict[str, str]) -> Upstream:
         with self._lock:
             rules = list(self.rules)
         for pattern, rule, needs_upstream in rules:
             if pattern.search(path):
                 # A rewritten body is always sent whole: ranges refer to the original bytes.
-                result = rule(path, self.fetch(path) if needs_upstream else None)
+                whole = {k: v for k, v in headers.items() if k != "Range"}
+                result = rule(path, self.fetch(path, whole) if needs_upstream else None)
                 break
         else:
-            result = self.fetch(path, range_header)
+            result = self.fetch(path, headers)
         with self._lock:
             self.log.append((path, result.status))
         return result
 
-    def fetch(self, path: str, range_header: str | None = None) -> Upstream:
-        headers = {"Range": range_header} if range_header else {}
-        response = self._http.get(self.upstream + path, headers=headers)
+    def fetch(self, path: str, headers: dict[str, str] | None = None) -> Upstream:
+        response = self._http.get(self.upstream + path, headers=headers or {})
         return Upstream(response.status_code, response.content,
                         response.headers.get("content-type", "application/octet-stream"))
 

@@ -25,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fleet.agent import runtime
 from fleet.agent.slots import ModelStore
+from fleet.controller.access import admin_headers
 from fleet.controller.app import create_app
 from fleet.controller.context import ControllerContext, build_context
 from fleet.controller.settings import ControllerSettings
@@ -41,13 +42,18 @@ NAME, VERSION = "cls", "v1"
 # -- the controller and the operator ----------------------------------------------------------------
 
 
-def auth_headers() -> dict[str, str]:
-    """Headers every REST call of this file carries (the one place to add an operator token)."""
-    return {}
+def auth_headers(client: TestClient) -> dict[str, str]:
+    """Headers every REST call of this file carries: an admin token (the attacks here are on input,
+    not on access, so they are made with every right)."""
+    cached: dict[str, str] | None = getattr(client, "_fleet_auth", None)
+    if cached is None:
+        cached = admin_headers(client.app.state.ctx)  # type: ignore[attr-defined]
+        client._fleet_auth = cached  # type: ignore[attr-defined]
+    return cached
 
 
 def api(client: TestClient, method: str, url: str, **kwargs: Any) -> Any:
-    headers = {**auth_headers(), **kwargs.pop("headers", {})}
+    headers = {**auth_headers(client), **kwargs.pop("headers", {})}
     return client.request(method, url, headers=headers, **kwargs)
 
 

@@ -23,6 +23,7 @@ from fleet.proto import convert
 from fleet.proto.fleet.v1 import fleet_pb2 as pb
 from fleet.proto.fleet.v1 import fleet_pb2_grpc as pb_grpc
 from tests.integration.agent_client import (
+    AUTH,
     DeviceIdentity,
     device_json,
     enroll_channel,
@@ -149,7 +150,7 @@ def test_decommissioned_device_certificate(tmp_path: Path) -> None:
         cam, other = await enrolled(controller, url, "cam-1"), await enrolled(controller, url, "cam-2")
         import httpx
 
-        async with httpx.AsyncClient() as client:
+        async with httpx.AsyncClient(headers=AUTH) as client:
             (await client.post(f"{url}/api/v1/devices/cam-1/decommission")).raise_for_status()
         async with cam.channel() as channel:
             stub = cam.stub(channel)
@@ -203,7 +204,7 @@ def test_expired_enrolment_token(tmp_path: Path) -> None:
         assert "expired" in (error.details() or "")
         import httpx
 
-        async with httpx.AsyncClient() as client:
+        async with httpx.AsyncClient(headers=AUTH) as client:
             assert (await client.get(f"{url}/api/v1/devices/cam-1")).status_code == 404
         await still_serving(controller, url, await enrolled(controller, url, "cam-2"))
 

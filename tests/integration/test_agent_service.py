@@ -165,7 +165,7 @@ def test_pre_authorised_token_names_the_device_and_its_labels_win(tmp_path: Path
         enrolled = await cam.enroll(tok, requested_id="", labels={"site": "south", "kind": "camera"})
         assert enrolled.device_id == "cam-7"
         assert dict(enrolled.labels) == {"site": "north", "kind": "camera"}
-        async with httpx.AsyncClient() as client:
+        async with httpx.AsyncClient(headers=AUTH) as client:
             tokens = (await client.get(f"{url}/api/v1/enrollment-tokens")).json()
         assert [t["device_id"] for t in tokens] == ["cam-7"] and tokens[0]["uses"] == 1
 

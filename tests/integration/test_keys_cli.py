@@ -21,6 +21,7 @@ import uvicorn
 
 from fleet.agent.trust import TrustedMetadataClient
 from fleet.cli.main import main
+from fleet.controller.access import admin_headers
 from fleet.controller.app import create_app
 from fleet.controller.context import build_context
 from fleet.controller.settings import ControllerSettings
@@ -42,6 +43,7 @@ class Controller:
             time.sleep(0.05)
         port = self.server.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
+        self.auth = admin_headers(self.ctx)
 
     def root(self) -> dict[str, Any]:
         return dict(httpx.get(f"{self.url}/tuf/root.json").json()["signed"])
@@ -61,9 +63,10 @@ def controller(tmp_path: Path) -> Iterator[Controller]:
 
 class Operator:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], keys: Path,
-                 url: str) -> None:
+                 url: str, auth: dict[str, str]) -> None:
         self.monkeypatch, self.capsys, self.keys = monkeypatch, capsys, keys
         monkeypatch.setenv("FLEET_URL", url)
+        monkeypatch.setenv("FLEET_TOKEN", auth["Authorization"].removeprefix("Bearer "))
         monkeypatch.setenv("FLEET_KEYS_DIR", str(keys))
 
     def run(self, *args: str) -> tuple[int, str, str]:
@@ -99,7 +102,7 @@ def device_sees(controller: Controller, root_v1: bytes, where: Path, *versions: 
 def test_thresholds_key_changes_and_a_device_that_follows_them(
     controller: Controller, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path,
 ) -> None:
-    op = Operator(monkeypatch, capsys, tmp_path / "keys", controller.url)
+    op = Operator(monkeypatch, capsys, tmp_path / "keys", controller.url, controller.auth)
     made = op.ok("keys", "init", "--root-keys", "3", "--root-threshold", "2", "--targets-keys", "2",
                  "--targets-threshold", "1", "-o", "json")
     assert [k["name"] for k in made["keys"]] == ["root-1", "root-2", "root-3", "targets-1", "targets-2"]
@@ -162,12 +165,12 @@ def test_thresholds_key_changes_and_a_device_that_follows_them(
 def test_signed_minimum_release_gates_rollouts(
     controller: Controller, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path,
 ) -> None:
-    op = Operator(monkeypatch, capsys, tmp_path / "keys", controller.url)
+    op = Operator(monkeypatch, capsys, tmp_path / "keys", controller.url, controller.auth)
     op.ok("keys", "init")
     op.push("v1", release=1)
     op.push("v2", release=2)
     assert op.ok("models", "policy", MODEL, "--min-release", "2", "-o", "json")["min_release"] == 2
-    targets = httpx.get(f"{controller.url}/api/v1/trust/targets").json()["signed"]["targets"]
+    targets = httpx.get(f"{controller.url}/api/v1/trust/targets", headers=controller.auth).json()["signed"]["targets"]
     assert targets[f"{MODEL}/policy.json"]["custom"] == {"model": MODEL, "min_release": 2}
 
     code, _, err = op.run("rollout", f"{MODEL}:v1", "--canary", "50%")
@@ -190,7 +193,7 @@ def test_signed_minimum_release_gates_rollouts(
 
 def test_keys_help_explains_each_command(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                                          tmp_path: Path) -> None:
-    op = Operator(monkeypatch, capsys, tmp_path / "keys", "http://127.0.0.1:9")
+    op = Operator(monkeypatch, capsys, tmp_path / "keys", "http://127.0.0.1:9", {"Authorization": "Bearer x"})
     out = op.ok("keys", "--help")
     for word in ("init", "create", "ls", "add", "revoke", "threshold", "rotate-root", "export-root"):
         assert word in out
