@@ -4,7 +4,7 @@ Rule: a chart change lands only if, for each values file in `charts/*/ci/*.yaml`
   1. `helm lint --strict` passes,
   2. `helm template` renders, and every rendered object validates against the Kubernetes
      OpenAPI schemas of a pinned version (kubernetes-validate, strict: unknown fields fail),
-     CRD kinds we render (ServiceMonitor) against a small schema kept here,
+     CRD kinds we render (ServiceMonitor, Traefik's IngressRouteTCP) against small schemas kept here,
   3. every workload keeps the house security rules: non-root, read-only root filesystem, no
      privilege escalation, resource requests, and the controller probes its real endpoints;
 and each file in `charts/*/ci/invalid/*.yaml` is refused by `values.schema.json`, with the text
@@ -96,8 +96,58 @@ SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
         },
     },
 }
+# traefik.io/v1alpha1 IngressRouteTCP as the chart renders it (gRPC by TLS passthrough): the fields
+# of Traefik's CRD the chart uses, strict. A HostSNI match with one backquoted host; a service port
+# by number or by name.
+_PORT = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 65535}, {"type": "string", "minLength": 1}]}
+INGRESS_ROUTE_TCP_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "traefik.io/v1alpha1"},
+        "kind": {"const": "IngressRouteTCP"},
+        "metadata": SERVICE_MONITOR_SCHEMA["properties"]["metadata"],
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["entryPoints", "routes"],
+            "properties": {
+                "entryPoints": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+                "routes": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["match", "services"],
+                        "properties": {
+                            "match": {"type": "string", "pattern": r"^HostSNI\(`[^`\s]+`\)$"},
+                            "services": {
+                                "type": "array",
+                                "minItems": 1,
+                                "items": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "required": ["name", "port"],
+                                    "properties": {"name": _STR, "namespace": _STR, "port": _PORT},
+                                },
+                            },
+                        },
+                    },
+                },
+                "tls": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"passthrough": {"type": "boolean"}, "secretName": _STR},
+                },
+            },
+        },
+    },
+}
 CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR_SCHEMA,
+    ("traefik.io/v1alpha1", "IngressRouteTCP"): INGRESS_ROUTE_TCP_SCHEMA,
 }
 WORKLOAD_KINDS = ("Deployment", "DaemonSet", "StatefulSet", "Job", "Pod")
 

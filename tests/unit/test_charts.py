@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -145,6 +146,7 @@ def test_default_is_one_embedded_controller_listening_on_the_pod(
     service = _one(objects, "Service", "-controller")
     assert settings.public_url == f"http://{service['metadata']['name']}.fleet.svc:{settings.http_port}"
     assert pod["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert not _find(objects, "IngressRouteTCP") and not _find(objects, "Ingress")
 
 
 def test_postgres_s3_scales_out_with_secrets(
@@ -219,22 +221,121 @@ def test_agent_daemonsets_per_hardware_pool(rendered: dict[str, list[dict[str, A
     assert _one(objects, "Service", "-inference")["spec"]["internalTrafficPolicy"] == "Local"
 
 
-def test_ingress_grpc_servicemonitor_and_dashboard(rendered: dict[str, list[dict[str, Any]]]) -> None:
+def _values(relative: str) -> dict[str, Any]:
+    import yaml
+
+    values: dict[str, Any] = yaml.safe_load((CHART / relative).read_text())
+    return values
+
+
+def _render_values(helm: Path, tmp_path: Path, values: dict[str, Any]) -> list[dict[str, Any]]:
+    import yaml
+
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    objects: list[dict[str, Any]] = check_charts.render(helm, CHART, path)
+    return objects
+
+
+def _grpc_routes(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The IngressRouteTCP objects by the gRPC Service port name they lead to."""
+    service = _one(objects, "Service", "-controller-grpc")
+    port_names = {p["port"]: p["name"] for p in service["spec"]["ports"]}
+    routes = {}
+    for route in _find(objects, "IngressRouteTCP"):
+        ((rule,),) = [route["spec"]["routes"]]
+        ((backend,),) = [rule["services"]]
+        assert backend["name"] == service["metadata"]["name"]
+        routes[port_names[backend["port"]]] = route
+    return routes
+
+
+def _sni_host(route: dict[str, Any]) -> str:
+    match: str = route["spec"]["routes"][0]["match"]
+    assert match.startswith("HostSNI(`") and match.endswith("`)"), match
+    return match.removeprefix("HostSNI(`").removesuffix("`)")
+
+
+def _tls_handshake_with_sni(server_names: str, sni: str) -> None:
+    """A TLS server with the certificate the controller issues for `server_names`; a client that
+    pins the CA and sends `sni` completes the handshake only if the certificate covers that name."""
+    import socket
+    import tempfile
+    import threading
+    from datetime import UTC, datetime
+
+    from cryptography.hazmat.primitives import serialization
+
+    from fleet.controller import pki
+
+    now = datetime.now(UTC)
+    ca = pki.create_ca(now)
+    cert, key = pki.issue_server_certificate(ca, pki.parse_server_names(server_names), now)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (Path(folder) / "key.pem").write_bytes(pki.key_pem(key))
+        server_ctx.load_cert_chain(Path(folder) / "cert.pem", Path(folder) / "key.pem")
+    client_ctx = ssl.create_default_context(cadata=ca.cert_pem.decode())
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def serve() -> None:
+            conn, _ = listener.accept()
+            try:
+                with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(1)
+            except (ssl.SSLError, OSError):
+                pass
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        try:
+            with (
+                socket.create_connection(listener.getsockname(), timeout=5) as raw,
+                client_ctx.wrap_socket(raw, server_hostname=sni) as tls,
+            ):
+                tls.sendall(b"x")
+        finally:
+            thread.join(timeout=5)
+
+
+def test_ingress_grpc_passthrough_servicemonitor_and_dashboard(rendered: dict[str, list[dict[str, Any]]]) -> None:
     objects = rendered["ingress-monitoring-values"]
     env = _controller_env(objects)
     assert env["FLEET_PUBLIC_URL"] == "https://fleet.example.com"
+    # gRPC is TLS end to end: plain TCP to the Service, no h2c, no Ingress in front of it.
     grpc_service = _one(objects, "Service", "-controller-grpc")
-    assert grpc_service["metadata"]["annotations"]["traefik.ingress.kubernetes.io/service.serversscheme"] == "h2c"
-    hosts = {i["metadata"]["name"]: i["spec"]["rules"][0]["host"] for i in _find(objects, "Ingress")}
-    assert sorted(hosts.values()) == ["fleet-grpc.example.com", "fleet.example.com"]
-    assert all(i["spec"]["ingressClassName"] == "traefik" for i in _find(objects, "Ingress"))
-    # In-cluster agents reach this release's gRPC Service.
+    assert not any("h2c" in v for v in grpc_service["metadata"].get("annotations", {}).values())
+    assert all("appProtocol" not in p for p in grpc_service["spec"]["ports"])
+    (ingress,) = _find(objects, "Ingress")
+    assert ingress["spec"]["rules"][0]["host"] == "fleet.example.com"
+    assert ingress["spec"]["ingressClassName"] == "traefik"
+    assert ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["port"] == {"name": "http"}
+    # Traefik passes TLS through by SNI, one route per controller port, on distinct entry points.
+    routes = _grpc_routes(objects)
+    assert set(routes) == {"grpc", "grpc-enroll"}
+    for route in routes.values():
+        assert route["apiVersion"] == "traefik.io/v1alpha1"
+        assert route["spec"]["tls"] == {"passthrough": True}
+        assert _sni_host(route) == "fleet-grpc.example.com"
+    assert routes["grpc"]["spec"]["entryPoints"] == ["websecure"]
+    assert routes["grpc-enroll"]["spec"]["entryPoints"] == ["fleet-enroll"]
+    # The Service ports lead to the controller's mutual-TLS and enrolment listeners.
+    deployment = _one(objects, "Deployment", "-controller")
+    pod = deployment["spec"]["template"]["spec"]
+    container_ports = {p["name"]: p["containerPort"] for p in pod["containers"][0]["ports"]}
+    targets = {p["name"]: container_ports[p["targetPort"]] for p in grpc_service["spec"]["ports"]}
+    assert targets == {"grpc": int(env["FLEET_GRPC_PORT"]), "grpc-enroll": int(env["FLEET_GRPC_ENROLL_PORT"])}
+    # The certificate the controller serves covers the SNI host devices dial.
+    assert "fleet-grpc.example.com" in env["FLEET_TLS_SERVER_NAMES"].split(",")
+    _tls_handshake_with_sni(env["FLEET_TLS_SERVER_NAMES"], "fleet-grpc.example.com")
+    with pytest.raises(ssl.SSLCertVerificationError):  # the check can fail: a name not in the list
+        _tls_handshake_with_sni(env["FLEET_TLS_SERVER_NAMES"], "fleet.example.com")
+    # The agents here dial through Traefik: the host and the entry points' external ports.
     (daemonset,) = _find(objects, "DaemonSet")
     agent_env = _env(daemonset["spec"]["template"]["spec"]["containers"][0])
-    grpc_port = grpc_service["spec"]["ports"][0]["port"]
-    assert agent_env["FLEET_CONTROLLER_GRPC"] == f"{grpc_service['metadata']['name']}.fleet.svc:{grpc_port}"
-    enroll_port = {p["name"]: p["port"] for p in grpc_service["spec"]["ports"]}["grpc-enroll"]
-    assert agent_env["FLEET_CONTROLLER_ENROLL"] == f"{grpc_service['metadata']['name']}.fleet.svc:{enroll_port}"
+    assert agent_env["FLEET_CONTROLLER_GRPC"] == "fleet-grpc.example.com:443"
+    assert agent_env["FLEET_CONTROLLER_ENROLL"] == "fleet-grpc.example.com:50052"
+    assert "FLEET_TLS_SERVER_NAME" not in agent_env  # it would change the SNI Traefik routes on
     # The agents mount only the certificate of the controller's CA Secret, never its key
     agent_volumes = {v["name"]: v for v in daemonset["spec"]["template"]["spec"]["volumes"]}
     assert agent_volumes["controller-ca"]["secret"] == {
@@ -249,6 +350,75 @@ def test_ingress_grpc_servicemonitor_and_dashboard(rendered: dict[str, list[dict
                "fleet_model_latency_ms", "fleet_drift_psi", "fleet_grpc_requests_total", "fleet_http_requests_total")
     for metric in metrics:
         assert metric in exprs, f"dashboard has no panel on {metric}"
+
+
+def test_grpc_routes_follow_the_values(helm: Path, tmp_path: Path) -> None:
+    values = _values("ci/ingress-monitoring-values.yaml")
+    # Default access: in-cluster agents dial the gRPC Service, whose names the certificate covers.
+    values["agent"].pop("controllerAccess")
+    objects = _render_values(helm, tmp_path, values)
+    agent_env = _env(_one(objects, "DaemonSet")["spec"]["template"]["spec"]["containers"][0])
+    service = _one(objects, "Service", "-controller-grpc")
+    ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
+    host = f"{service['metadata']['name']}.fleet.svc"
+    assert agent_env["FLEET_CONTROLLER_GRPC"] == f"{host}:{ports['grpc']}"
+    assert agent_env["FLEET_CONTROLLER_ENROLL"] == f"{host}:{ports['grpc-enroll']}"
+    assert len(_find(objects, "IngressRouteTCP")) == 2  # devices outside still get the routes
+
+    # Enrolment under its own host on websecure (no extra Traefik entry point), other ports.
+    values["agent"]["controllerAccess"] = "ingress"
+    values["ingress"]["grpc"].update(device={"entryPoints": ["websecure"], "port": 8443},
+                                     enroll={"host": "enrol.example.com", "entryPoints": ["websecure"], "port": 443})
+    objects = _render_values(helm, tmp_path, values)
+    routes = _grpc_routes(objects)
+    assert {name: (_sni_host(r), r["spec"]["entryPoints"]) for name, r in routes.items()} == {
+        "grpc": ("fleet-grpc.example.com", ["websecure"]), "grpc-enroll": ("enrol.example.com", ["websecure"])}
+    agent_env = _env(_one(objects, "DaemonSet")["spec"]["template"]["spec"]["containers"][0])
+    assert agent_env["FLEET_CONTROLLER_GRPC"] == "fleet-grpc.example.com:8443"
+    assert agent_env["FLEET_CONTROLLER_ENROLL"] == "enrol.example.com:443"
+    names = _controller_env(objects)["FLEET_TLS_SERVER_NAMES"].split(",")
+    assert {"fleet-grpc.example.com", "enrol.example.com"} <= set(names)
+    for obj in objects:
+        assert check_charts.validate_object(obj) is None, check_charts.name_of(obj)
+
+    # One host and one entry point for both ports: Traefik could not tell them apart.
+    values["ingress"]["grpc"]["enroll"]["host"] = ""
+    with pytest.raises(RuntimeError, match="cannot tell them apart"):
+        _render_values(helm, tmp_path, values)
+
+
+def test_no_grpc_route_unless_asked(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for name in ("default-values", "postgres-s3-values", "agent-only-values"):
+        assert not _find(rendered[name], "IngressRouteTCP"), name
+    # The agent-only install dials a controller elsewhere through the same kind of routes.
+    (daemonset, _) = _find(rendered["agent-only-values"], "DaemonSet")
+    agent_env = _env(daemonset["spec"]["template"]["spec"]["containers"][0])
+    defaults = _values("values.yaml")["ingress"]["grpc"]
+    assert agent_env["FLEET_CONTROLLER_GRPC"].endswith(f":{defaults['device']['port']}")
+    assert agent_env["FLEET_CONTROLLER_ENROLL"].endswith(f":{defaults['enroll']['port']}")
+
+
+def test_ingress_route_tcp_schema_is_strict() -> None:
+    route = {
+        "apiVersion": "traefik.io/v1alpha1", "kind": "IngressRouteTCP", "metadata": {"name": "r"},
+        "spec": {"entryPoints": ["websecure"], "tls": {"passthrough": True},
+                 "routes": [{"match": "HostSNI(`g.example.com`)", "services": [{"name": "svc", "port": 50051}]}]},
+    }
+    assert check_charts.validate_object(route) is None
+    for path, bad, why in (
+        (("spec", "entryPoints"), "websecure", "is not of type 'array'"),
+        (("spec", "entrypoints"), ["websecure"], "Additional properties"),
+        (("spec", "tls", "passthrough"), "true", "is not of type 'boolean'"),
+        (("spec", "routes", 0, "match"), "Host(`g.example.com`)", "does not match"),
+        (("spec", "routes", 0, "services", 0, "port"), 0, "port"),
+        (("spec", "routes", 0, "services", 0, "serversTransport"), "x", "Additional properties"),
+    ):
+        broken = json.loads(json.dumps(route))
+        target: Any = broken
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = bad
+        assert why in (check_charts.validate_object(broken) or ""), path
 
 
 def test_validation_catches_unknown_fields_and_weak_security() -> None:

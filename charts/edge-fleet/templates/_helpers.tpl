@@ -130,3 +130,32 @@ app.kubernetes.io/component: agent
 {{- define "edge-fleet.agent.caConfigMapName" -}}
 {{- default (printf "%s-controller-ca" (include "edge-fleet.agent.fullname" .)) .Values.agent.caCert.existingConfigMap -}}
 {{- end -}}
+
+{{/* The host devices enrol through from outside: ingress.grpc.enroll.host, else ingress.grpc.host. */}}
+{{- define "edge-fleet.grpcEnrollHost" -}}
+{{- default .Values.ingress.grpc.host .Values.ingress.grpc.enroll.host -}}
+{{- end -}}
+
+{{/* gRPC addresses through Traefik (host:external port of the entry point), as devices dial them. */}}
+{{- define "edge-fleet.controller.externalGrpcAddr" -}}
+{{- printf "%s:%d" .Values.ingress.grpc.host (int .Values.ingress.grpc.device.port) -}}
+{{- end -}}
+
+{{- define "edge-fleet.controller.externalEnrollAddr" -}}
+{{- printf "%s:%d" (include "edge-fleet.grpcEnrollHost" .) (int .Values.ingress.grpc.enroll.port) -}}
+{{- end -}}
+
+{{/*
+Traefik routes passthrough TLS by entry point and SNI only: the device and enrolment routes must
+differ in one of them, or Traefik sends both ports' connections to one of them.
+*/}}
+{{- define "edge-fleet.grpcRoutes.validate" -}}
+{{- $g := .Values.ingress.grpc -}}
+{{- if eq $g.host (include "edge-fleet.grpcEnrollHost" .) -}}
+{{- range $ep := $g.enroll.entryPoints -}}
+{{- if has $ep $g.device.entryPoints -}}
+{{- fail (printf "ingress.grpc: the device and enrolment routes both use entry point %q and host %q, so Traefik cannot tell them apart; give ingress.grpc.enroll its own entry point or its own host (ingress.grpc.enroll.host)" $ep $g.host) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
