@@ -273,10 +273,15 @@ def http_tls_options(settings: ControllerSettings) -> dict[str, str]:
     if not settings.http_tls:
         return {}
     cert, key = settings.http_tls_cert, settings.http_tls_key
+    if cert is None and key is None:
+        # The controller's own server certificate, issued by its CA (the one agents already trust);
+        # `Controller.__init__` makes or renews it before anything is served.
+        return {"ssl_certfile": str(settings.tls_dir / pki.SERVER_CERT_NAME),
+                "ssl_keyfile": str(settings.tls_dir / pki.SERVER_KEY_NAME)}
     if cert is None or key is None:
         raise InvalidInputError(
-            "http_tls needs http_tls_cert and http_tls_key: set FLEET_HTTP_TLS_CERT and FLEET_HTTP_TLS_KEY "
-            "to PEM files (certificate chain and its private key)"
+            "http_tls_cert and http_tls_key go together: set both FLEET_HTTP_TLS_CERT and FLEET_HTTP_TLS_KEY "
+            "(certificate chain and its private key), or neither to use a certificate from the controller's CA"
         )
     for what, path in (("http_tls_cert", cert), ("http_tls_key", key)):
         if not path.expanduser().is_file():

@@ -102,7 +102,8 @@ def https(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     ca, cert, key = make_tls(root / "tls")
     admin = secrets.token_urlsafe(32)
     settings = ControllerSettings(data_dir=root / "controller", http_port=_port(), grpc_port=_port(),
-                                  http_tls=True, http_tls_cert=cert, http_tls_key=key, admin_token=admin)
+                                  grpc_enroll_port=_port(), http_tls=True, http_tls_cert=cert, http_tls_key=key,
+                                  admin_token=admin)
     controller = Controller(settings)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_until_complete, args=(controller.serve(),), daemon=True)
@@ -209,8 +210,40 @@ def test_recovery_token_straight_on_the_database(https: Running) -> None:
     assert json.loads(who.stdout)["role"] == "operator"
 
 
-def test_https_without_certificate_files_is_refused(tmp_path: Path) -> None:
-    settings = ControllerSettings(data_dir=tmp_path, http_tls=True)
-    with pytest.raises(InvalidInputError, match="http_tls needs http_tls_cert and http_tls_key"):
+def test_https_with_half_a_certificate_pair_is_refused(tmp_path: Path) -> None:
+    _ca, cert, _key = make_tls(tmp_path / "tls")
+    settings = ControllerSettings(data_dir=tmp_path / "controller", http_tls=True, http_tls_cert=cert)
+    with pytest.raises(InvalidInputError, match="http_tls_cert and http_tls_key go together"):
         Controller(settings)
-    assert not (tmp_path / "fleet.db").exists()  # refused before any state was made
+    assert not (tmp_path / "controller" / "fleet.db").exists()  # refused before any state was made
+
+
+def test_https_without_certificate_files_uses_the_controllers_own_ca(tmp_path: Path) -> None:
+    """With FLEET_HTTP_TLS alone, REST is served with the certificate the controller's CA issued for
+    its configured names, so agents and the CLI verify it with the same ca.pem they were given."""
+    settings = ControllerSettings(data_dir=tmp_path / "controller", http_port=_port(), grpc_port=_port(),
+                                  grpc_enroll_port=_port(), http_tls=True)
+    controller = Controller(settings)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(controller.serve(),), daemon=True)
+    thread.start()
+    try:
+        assert controller.started.wait(30), "controller did not start"
+        ca = settings.tls_dir / "ca.pem"
+        verify = ssl.create_default_context(cafile=str(ca))
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                response = httpx.get(f"https://127.0.0.1:{settings.http_port}/healthz", verify=verify)
+                break
+            except httpx.ConnectError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        assert response.status_code == 200
+        with pytest.raises(httpx.ConnectError):  # a client that trusts only the public CAs refuses it
+            httpx.get(f"https://127.0.0.1:{settings.http_port}/healthz")
+    finally:
+        loop.call_soon_threadsafe(controller.stop)
+        thread.join(15)
+        controller.ctx.close()
