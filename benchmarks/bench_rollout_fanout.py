@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -95,31 +96,40 @@ class Fleet:
 
 
 class Device:
-    def __init__(self, index: int, grpc_addr: str, fleet: Fleet, confirm: bool) -> None:
-        import grpc
-
-        from fleet.proto.fleet.v1 import fleet_pb2_grpc as pb_grpc
-
+    def __init__(self, index: int, grpc_addr: str, enroll_addr: str, ca_pem: bytes, fleet: Fleet, *,
+                 confirm: bool) -> None:
         self.requested_id = f"sim-{index:04d}"
         self.fleet = fleet
         self.confirm = confirm
-        # A local subchannel pool: each simulated device gets its own TCP connection, as real
-        # devices would, instead of gRPC multiplexing all of them over one.
-        self.channel = grpc.aio.insecure_channel(grpc_addr, options=[("grpc.use_local_subchannel_pool", 1)])
-        self.stub = pb_grpc.AgentServiceStub(self.channel)
+        self.grpc_addr, self.enroll_addr, self.ca_pem = grpc_addr, enroll_addr, ca_pem
+        self.channel: Any = None
+        self.stub: Any = None
         self.device_id = ""
-        self.secret = ""
         self.outbox: asyncio.Queue[Any] = asyncio.Queue()
 
     async def enroll(self, token: str) -> None:
-        from fleet.proto.fleet.v1 import fleet_pb2 as pb
+        """As a real agent does: a key made here, a CSR and the token over server TLS, then mutual TLS."""
+        import grpc
 
-        response = await self.stub.Enroll(pb.EnrollRequest(
-            token=token, requested_id=self.requested_id, labels={"bench": "fanout"},
-            hardware=pb.HardwareProfile(hardware_class="cpu", arch="x86_64",
-                                        execution_providers=["CPUExecutionProvider"], cpu_count=2),
-            agent_version="bench"), timeout=60)
-        self.device_id, self.secret = response.device_id, response.device_secret
+        from fleet.agent.identity import make_key_and_csr
+        from fleet.proto.fleet.v1 import fleet_pb2 as pb
+        from fleet.proto.fleet.v1 import fleet_pb2_grpc as pb_grpc
+
+        key_pem, csr_pem = make_key_and_csr(self.requested_id)
+        # A local subchannel pool: each simulated device gets its own TCP connection, as real
+        # devices would, instead of gRPC multiplexing all of them over one.
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        async with grpc.aio.secure_channel(self.enroll_addr, grpc.ssl_channel_credentials(self.ca_pem),
+                                           options=options) as channel:
+            response = await pb_grpc.AgentServiceStub(channel).Enroll(pb.EnrollRequest(
+                token=token, requested_id=self.requested_id, labels={"bench": "fanout"}, csr_pem=csr_pem,
+                hardware=pb.HardwareProfile(hardware_class="cpu", arch="x86_64",
+                                            execution_providers=["CPUExecutionProvider"], cpu_count=2),
+                agent_version="bench"), timeout=60)
+        self.device_id = response.device_id
+        credentials = grpc.ssl_channel_credentials(self.ca_pem, key_pem, response.certificate_pem)
+        self.channel = grpc.aio.secure_channel(self.grpc_addr, credentials, options=options)
+        self.stub = pb_grpc.AgentServiceStub(self.channel)
 
     async def _outgoing(self) -> AsyncIterator[Any]:
         from fleet.proto.fleet.v1 import fleet_pb2 as pb
@@ -151,9 +161,8 @@ class Device:
     async def sync(self) -> None:
         import grpc
 
-        metadata = (("x-fleet-device-id", self.device_id), ("authorization", f"Bearer {self.secret}"))
         try:
-            call = self.stub.Sync(self._outgoing(), metadata=metadata)
+            call = self.stub.Sync(self._outgoing())
             async for message in call:
                 now = time.perf_counter()
                 self.fleet.connected.setdefault(self.device_id, now)
@@ -174,7 +183,8 @@ class Device:
 
     async def close(self) -> None:
         self.outbox.put_nowait(None)
-        await self.channel.close(grace=0.5)
+        if self.channel is not None:
+            await self.channel.close(grace=0.5)
 
 
 async def _timed_post(http: Any, path: str, body: dict[str, Any]) -> tuple[float, float, dict[str, Any]]:
@@ -201,16 +211,19 @@ def _latencies(arrivals: dict[str, float], origin: float) -> list[float]:
     return sorted(t - origin for t in arrivals.values())
 
 
-async def _simulate(args: argparse.Namespace, url: str, grpc_addr: str, token: str) -> dict[str, Any]:
+async def _simulate(args: argparse.Namespace, controller: Controller, token: str) -> dict[str, Any]:
     import httpx
 
     from fleet.core.rollout import cohort_size
 
     fleet = Fleet()
-    devices = [Device(i, grpc_addr, fleet, confirm=True) for i in range(args.devices)]
+    url = controller.url
+    ca_pem = controller.ca_path.read_bytes()
+    devices = [Device(i, f"127.0.0.1:{controller.grpc_port}", f"127.0.0.1:{controller.enroll_port}", ca_pem, fleet,
+                      confirm=True) for i in range(args.devices)]
     tasks: list[asyncio.Task[None]] = []
     result: dict[str, Any] = {"devices": args.devices, "reconcile_interval_s": args.reconcile_interval}
-    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=60, headers=controller.auth) as http:
         try:
             # Enrolment with bounded concurrency, each device opening its stream right after.
             gate = asyncio.Semaphore(args.enroll_concurrency)
@@ -300,7 +313,10 @@ class Controller:
 
         self.work = work
         self.reconcile_interval = reconcile_interval
-        self.http_port, self.grpc_port = free_port(), free_port()
+        self.http_port, self.grpc_port, self.enroll_port = free_port(), free_port(), free_port()
+        self.admin_token = secrets.token_urlsafe(32)
+        self.auth = {"Authorization": f"Bearer {self.admin_token}"}
+        self.ca_path = work / "controller" / "tls" / "ca.pem"
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.log = work / "controller.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -312,9 +328,10 @@ class Controller:
             self.proc = subprocess.Popen(
                 fleet_cmd("controller", "serve", "--data-dir", str(self.work / "controller"),
                           "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
+                          "--grpc-enroll-port", str(self.enroll_port),
                           "--reconcile-interval", str(self.reconcile_interval), "--log-level", "warning"),
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                env={**os.environ, "PYTHONUNBUFFERED": "1", "FLEET_ADMIN_TOKEN": self.admin_token})
 
     def wait_ready(self, timeout: float) -> None:
         import httpx
@@ -366,7 +383,8 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     controller = Controller(work, args.reconcile_interval)
 
     def fleet(*cli_args: str) -> None:
-        env = {**os.environ, "FLEET_KEYS_DIR": str(keys), "FLEET_URL": controller.url}
+        env = {**os.environ, "FLEET_KEYS_DIR": str(keys), "FLEET_URL": controller.url,
+               "FLEET_TOKEN": controller.admin_token}
         proc = subprocess.run(fleet_cmd(*cli_args), capture_output=True, text=True, env=env, timeout=120, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"fleet {' '.join(cli_args)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
@@ -383,10 +401,11 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             fleet("models", "push", f"{MODEL}:{version}", str(path), "--task", "classification",
                   "--keys-dir", str(keys), "--controller", controller.url)
         response = httpx.post(controller.url + "/api/v1/enrollment-tokens",
-                              json={"max_uses": args.devices, "ttl_seconds": 3600, "labels": {}}, timeout=30)
+                              json={"max_uses": args.devices, "ttl_seconds": 3600, "labels": {}}, timeout=30,
+                              headers=controller.auth)
         response.raise_for_status()
         token = response.json()["token"]
-        return asyncio.run(_simulate(args, controller.url, f"127.0.0.1:{controller.grpc_port}", token))
+        return asyncio.run(_simulate(args, controller, token))
     except BaseException:
         print("controller log (last lines):\n  " + controller.log_tail(), file=sys.stderr)
         raise

@@ -61,7 +61,9 @@ def test_two_replicas_failover_mid_rollout(tmp_path: Path, database: str) -> Non
     db_url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}"
     data_dir = tmp_path / "controller"
     replica_a = {"http": free_port(), "grpc": free_port(), "enroll": free_port()}
-    cluster.env = {**cluster.env, "FLEET_DB_URL": db_url}
+    # Replicas sit behind one address in production (a Service); bundle URLs name it, whichever
+    # replica leads, and agents send their credentials only to that address.
+    cluster.env = {**cluster.env, "FLEET_DB_URL": db_url, "FLEET_PUBLIC_URL": cluster.url}
 
     def start_replica(name: str, ports: dict[str, int]) -> None:
         (tmp_path / "logs").mkdir(exist_ok=True)

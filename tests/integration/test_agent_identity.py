@@ -76,8 +76,14 @@ def test_agent_enrols_renews_and_reconnects(tmp_path: Path) -> None:
             assert stat.S_IMODE(os.stat(tls / "device.key").st_mode) == 0o600
             cert = x509.load_pem_x509_certificate((tls / "device.pem").read_bytes())
             assert cert.subject.rfc4514_string() == "CN=cam-1"
-            assert agent.http.headers["x-fleet-device-id"] == "cam-1"
-            assert agent.http.headers["authorization"] == f"Bearer {agent.identity['secret']}"
+            # Its bundle downloads carry its credentials to the controller, never to another origin
+            own = agent.http.build_request("GET", f"{agent.config.controller_url}/api/v1/models/m/versions/1/bundle")
+            agent._device_credentials(own)
+            assert own.headers["x-fleet-device-id"] == "cam-1"
+            assert own.headers["authorization"] == f"Bearer {agent.identity['secret']}"
+            elsewhere = agent.http.build_request("GET", "https://bucket.s3.example.com/m/1/bundle.tar")
+            agent._device_credentials(elsewhere)
+            assert "authorization" not in elsewhere.headers and "x-fleet-device-id" not in elsewhere.headers
             serials = {pki.serial_hex(cert)}
             assert first["cert_serial"] in serials
 
