@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import stat
 import sys
 from collections.abc import Iterable, Sequence
@@ -21,6 +20,8 @@ import httpx
 import tomllib
 from rich.console import Console
 from rich.table import Table
+
+from fleet.core.atomic import write_bytes_atomic
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_CONFIG = "~/.config/fleet/config.toml"
@@ -90,17 +91,7 @@ def write_config(values: dict[str, str], path: Path | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     # JSON string escapes are valid TOML basic-string escapes.
     text = "".join(f"{key} = {json.dumps(values[key])}\n" for key in CONFIG_KEYS if values.get(key))
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, text.encode(), 0o600)  # mkstemp makes the temporary file 0600
     return path
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 import re
 import secrets
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from sqlalchemy.exc import IntegrityError as DbIntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from fleet.controller.models import ApiToken
+from fleet.core.atomic import write_bytes_atomic
 from fleet.core.errors import AuthenticationError, InvalidInputError, NotFoundError, PermissionDeniedError
 
 log = logging.getLogger(__name__)
@@ -204,17 +204,7 @@ def _usable_admin_exists(session: Session, now: datetime) -> bool:
 def write_secret_file(path: Path, text: str) -> None:
     """Write `text` to `path` atomically, the file being 0600 from its first byte."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, text.encode(), 0o600)  # mkstemp makes the temporary file 0600
 
 
 def ensure_bootstrap_admin(
