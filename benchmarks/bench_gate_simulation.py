@@ -4,8 +4,9 @@ The claims under test (fleet.core.gate with the default `GatePolicy`):
 
 - A/A: a candidate no different from the serving model fails at most 2% of the time;
 - a candidate 10% slower (every request) is caught (Fail) at least 95% of the time;
-- a candidate whose agreement with the serving model is 5 points under `min_agreement`
-  (0.90 against 0.95) is caught at least 95% of the time;
+- a 5-point agreement drop is caught at least 95% of the time, both from an otherwise identical
+  model (top-1 agreement 1.00 -> 0.95) and from a close retrain (0.99 -> 0.94);
+- (also shown) how often a good retrain that agrees 0.985, just above the 0.98 default, is held back;
 - (also shown) a candidate 10% slower on one label group only is caught, and the failure names
   that group;
 - judging a cohort of 1,000 devices x 60 samples takes well under a second.
@@ -134,18 +135,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     trials = 20 if args.quick else args.trials
     policy = GatePolicy()
-    threshold_drop = round(policy.min_agreement - 0.05, 4)
     scenarios = [
         run_scenario("A/A (no difference)", trials, args.seed, policy, args.devices),
         run_scenario("latency +10%", trials, args.seed + 1, policy, args.devices, slow=1.10),
-        run_scenario(f"agreement {threshold_drop} (5 points under min)", trials, args.seed + 2, policy,
-                     args.devices, agreement=threshold_drop),
+        run_scenario("agreement 1.00 -> 0.95 (5-point drop)", trials, args.seed + 2, policy, args.devices,
+                     agreement=0.95),
+        run_scenario("agreement 0.99 -> 0.94 (5-point drop)", trials, args.seed + 4, policy, args.devices,
+                     agreement=0.94),
         run_scenario("latency +10% on hw=b only", trials, args.seed + 3, policy, args.devices, slow=1.10,
                      slow_group="b"),
-        # A good candidate agrees ~0.99; the same candidate 5 points worse (0.94) sits only one point
-        # under the default threshold: shown for honesty, not a target at the default sample size.
-        run_scenario("agreement 0.99 -> 0.94 (1 point under min)", trials, args.seed + 4, policy, args.devices,
-                     agreement=0.94),
+        # Not a target: the price of a strict default, a good candidate just above it is rarely held.
+        run_scenario("good retrain agreeing 0.985", trials, args.seed + 5, policy, args.devices, agreement=0.985),
     ]
     timing = time_judging(policy)
     print(f"gate policy: min_samples={policy.min_samples} confidence={policy.confidence} "
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     checks = {
         "aa_false_failure_ok": scenarios[0]["fail_rate"] <= TARGETS["aa_false_failure_max"],
         "latency_power_ok": scenarios[1]["fail_rate"] >= TARGETS["power_min"],
-        "agreement_power_ok": scenarios[2]["fail_rate"] >= TARGETS["power_min"],
+        "agreement_power_ok": min(scenarios[2]["fail_rate"], scenarios[3]["fail_rate"]) >= TARGETS["power_min"],
         "judge_time_ok": timing["windows_and_assess_s"] < TARGETS["judge_1000x60_max_s"],
     }
     result = {"policy": policy.to_dict(), "devices": args.devices, "quick": args.quick, "scenarios": scenarios,

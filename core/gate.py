@@ -78,12 +78,15 @@ class GatePolicy:
     """Thresholds of one rollout's gate. The defaults are meant to work without tuning."""
 
     # The defaults meet the targets of benchmarks/bench_gate_simulation.py: an A/A false-failure
-    # rate <= 2%, and a 10% latency regression and an agreement 5 points under `min_agreement`
-    # each caught >= 95% of the time once `min_samples` requests are mirrored.
+    # rate <= 2%, and a 10% latency regression and a 5-point agreement drop (1.00 -> 0.95 for an
+    # otherwise identical model, 0.99 -> 0.94 for a close retrain) each caught >= 95% of the time
+    # once `min_samples` requests are mirrored. `min_agreement` 0.98 means a candidate that
+    # changes more than about 2% of the answers is held back; a deliberate change of behaviour
+    # (a new class, a new training set) states its own `min_agreement` for its rollout.
     min_samples: int = 1000
     max_latency_regression: float = 0.05
     latency_slack_ms: float = 0.25
-    min_agreement: float = 0.95
+    min_agreement: float = 0.98
     max_install_failure_share: float = 0.2
     max_error_rate: float = 0.01
     analysis_deadline_s: float = 600.0

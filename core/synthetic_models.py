@@ -41,7 +41,7 @@ IR_VERSION = 8
 # Weights every classifier version starts from; a version's seed only adds noise on top.
 _BASE_SEED = 20240917
 # Relative size of the per-version noise of a "good" classifier version.
-_VERSION_NOISE = 0.002
+_VERSION_NOISE = 0.001
 _SLOW_WIDTH = 256
 _SLOW_LAYERS_PER_FACTOR = 8
 

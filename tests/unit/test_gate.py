@@ -58,7 +58,8 @@ def window(
 
 COHORT = ["d1", "d2", "d3", "d4"]
 # The unit tests' cohorts mirror a few hundred requests; the default (1000) is checked separately.
-POLICY = GatePolicy(min_samples=200)
+# The mechanism tests below read agreement against 0.95 (the default is stricter).
+POLICY = GatePolicy(min_samples=200, min_agreement=0.95)
 
 
 def judge(windows: list[dict[str, Any]], *, failed: tuple[str, ...] = (), elapsed: float = 10.0,

@@ -67,7 +67,7 @@ def test_gate_accepts_camel_case_and_fills_defaults() -> None:
     spec = ModelRolloutSpec.from_resource(_cr({**BASE, "gate": {"minSamples": 200, "max_error_rate": 0.02,
                                                                 "groupBy": "site"}}))
     assert spec.gate["min_samples"] == 200 and spec.gate["max_error_rate"] == 0.02
-    assert spec.gate["group_by"] == "site" and spec.gate["min_agreement"] == 0.95  # default kept
+    assert spec.gate["group_by"] == "site" and spec.gate["min_agreement"] == 0.98  # default kept
 
 
 @pytest.mark.parametrize(("spec", "message"), [
