@@ -3,7 +3,9 @@
 Given a controller, two agents (one with a label full of markup) and a model deployed as v1,
 when an operator opens the dashboard, starts a canary rollout of v2 and watches its page,
 then the overview lists exactly the devices and versions the API has, the rollout page follows
-the rollout live to its end and draws its gate metrics and cohorts, the device page shows its
+the rollout live to its end and draws its gate metrics, cohorts and evidence (latency distributions,
+agreement over time, drift per group, as in the rollout's /timeseries JSON), "Download report" saves
+the HTML report fetched with the token, the device page shows its
 slots and update events, API strings are shown as text (never parsed as HTML), and the browser
 logs no errors. The page asks for an API token first (a viewer token is enough), keeps it in
 sessionStorage (never in a URL) and sends it as a bearer header; a refused token brings the
@@ -15,9 +17,12 @@ executable path: no browser is ever downloaded.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +30,7 @@ import httpx
 import pytest
 
 from fleet.core import synthetic_models as sm
+from fleet.core.histogram import LatencyHistogram
 
 from .conftest import FleetWorld
 
@@ -56,6 +62,23 @@ class Browser:
     def attrs(self, selector: str, name: str) -> list[str]:
         return [str(v) for v in self.page.eval_on_selector_all(
             selector, "(els, name) => els.map((e) => e.getAttribute(name))", name)]
+
+
+def eventually(check: Callable[[], Any], timeout: float = 15.0) -> Any:
+    """`check()`'s result once it stops raising AssertionError (the page redraws on its next poll)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return check()
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+# Records Content-Security-Policy violations in the page (Chromium also logs them as console errors).
+WATCH_CSP = ("() => { window.cspViolations = []; document.addEventListener('securitypolicyviolation', "
+             "(e) => window.cspViolations.push(e.violatedDirective + ' ' + e.blockedURI)); }")
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +151,7 @@ def test_overview_rollout_and_device_pages(browser: Browser, fleet: FleetWorld) 
     page.wait_for_selector("[data-testid=device-row]")
     assert viewer not in page.url
     assert page.evaluate("() => sessionStorage.getItem('fleet.apiToken')") == viewer
+    page.evaluate(WATCH_CSP)
 
     # Then it lists exactly the API's devices, with the versions each one serves
     assert sorted(browser.attrs("[data-testid=device-row]", "data-device")) == ids
@@ -184,10 +208,30 @@ def test_overview_rollout_and_device_pages(browser: Browser, fleet: FleetWorld) 
     decisions = page.locator("[data-testid=decision]")
     assert decisions.count() == len(rollout["decisions"])
     assert rollout["decisions"][-1]["reason"] in decisions.first.inner_text()
-    # And links to the evidence report when the controller has one
+    # And it draws the rollout's evidence inline, from the same time series the API serves
     paths = httpx.get(fleet.cluster.url + "/openapi.json", timeout=10).json()["paths"]
-    assert (page.locator("[data-testid=report-link]").count() == 1) == ("/api/v1/rollouts/{name}/report" in paths)
+    assert {"/api/v1/rollouts/{name}/report", "/api/v1/rollouts/{name}/timeseries"} <= set(paths)
+    evidence_is_drawn(browser, fleet, "detector-v2", rollout)
     browser.screenshot("rollout")
+
+    # When the operator clicks "Download report", then the page fetches it with the token and saves the HTML report
+    with page.expect_download() as saved:
+        page.click("[data-testid=download-report]")
+    report = saved.value
+    assert report.url.startswith("blob:") and report.suggested_filename == "rollout-detector-v2-report.html"
+    html = Path(str(report.path())).read_text(encoding="utf-8")
+    assert html.startswith("<!DOCTYPE html>") and html.count("<svg") == 3 and "rollout detector-v2" in html
+    report.save_as(ARTIFACTS / "rollout-detector-v2-report.html")
+    # And its blob URL is revoked once the download has started
+    page.wait_for_function("(url) => window.revokedUrls && window.revokedUrls.includes(url)", arg=report.url,
+                           timeout=10_000)
+    # And the time series downloads as the API's JSON, grouped as the drift chart is
+    with page.expect_download() as saved:
+        page.click("[data-testid=download-timeseries]")
+    series = json.loads(Path(str(saved.value.path())).read_text(encoding="utf-8"))
+    assert series["rollout"]["name"] == "detector-v2" and series["drift"]["group_by"] == "note"
+    assert page.inner_text("[data-testid=download-note]") == ""
+    assert page.evaluate("() => window.cspViolations") == []
 
     # When the operator opens a device from the rollout's device list
     device_id = ids[1]
@@ -215,8 +259,96 @@ def test_overview_rollout_and_device_pages(browser: Browser, fleet: FleetWorld) 
         == "Completed"
     browser.screenshot("overview")
 
+    # When the operator opens the first rollout, which put v1 on devices that served nothing
+    page.click("[data-testid=rollout-row][data-rollout=detector-v1] a")
+    page.wait_for_selector("[data-testid=rollout][data-rollout=detector-v1] [data-testid=evidence]")
+    first = httpx.get(fleet.cluster.url + "/api/v1/rollouts/detector-v1/timeseries", headers=fleet.auth,
+                      timeout=10).json()
+    assert first["latency"]["candidate"]["count"] == 0 and first["agreement_over_time"] == []
+    # Then its evidence panels say there is no latency or agreement data, and draw no empty chart
+    assert "No paired latency data yet" in page.inner_text("[data-testid=latency-empty]")
+    assert "No agreement data yet" in page.inner_text("[data-testid=agreement-empty]")
+    assert page.locator("[data-testid=latency-chart], [data-testid=agreement-chart]").count() == 0
+
     # And nothing went wrong in the browser along the way
     assert browser.errors == []
+
+
+def evidence_is_drawn(browser: Browser, fleet: FleetWorld, name: str, rollout: dict[str, Any]) -> None:
+    """The rollout page's three evidence charts show what `/timeseries` holds, API strings as text."""
+    page = browser.page
+    url = f"{fleet.cluster.url}/api/v1/rollouts/{name}/timeseries"
+    # Blob URLs the page revokes, for the download check that follows.
+    page.evaluate("() => { window.revokedUrls = []; const revoke = URL.revokeObjectURL.bind(URL); "
+                  "URL.revokeObjectURL = (u) => { window.revokedUrls.push(u); revoke(u); }; }")
+
+    # Latency: one line per side, with p50 and p95 marked where the controller computes them
+    page.wait_for_selector("[data-testid=latency-chart]")
+    series = httpx.get(url, headers=fleet.auth, timeout=10).json()
+    latency = page.locator("[data-testid=latency-chart]")
+    assert latency.get_attribute("role") == "img" and latency.get_attribute("aria-label")
+    assert (latency.locator("title").first.text_content() or "").startswith("Latency distribution")
+
+    def latency_matches() -> None:
+        data = httpx.get(url, headers=fleet.auth, timeout=10).json()["latency"]
+        for side in ("serving", "candidate"):
+            hist = LatencyHistogram.from_dict(data[side])
+            assert hist.count > 0, side
+            line = latency.locator(f"path[data-testid=latency-series][data-series={side}]")
+            assert line.count() == 1 and line.get_attribute("data-count") == str(hist.count)
+            assert len(re.findall(r"[ML]", line.get_attribute("d") or "")) >= 2 * 40
+            for q, level in (("p50", 0.5), ("p95", 0.95)):
+                mark = latency.locator(f"[data-testid=latency-quantile][data-series={side}][data-quantile={q}]")
+                assert math.isclose(float(mark.get_attribute("data-value") or "nan"), hist.quantile(level),
+                                    rel_tol=1e-9), (side, q)
+
+    eventually(latency_matches)
+    assert "ms" in (latency.text_content() or "") and "share of requests" in (latency.text_content() or "")
+
+    # Agreement: a point per time bucket and output, and the gate's minimum as a line
+    def agreement_matches() -> None:
+        timeline = httpx.get(url, headers=fleet.auth, timeout=10).json()["agreement_over_time"]
+        expected = sorted((str(p["start"]), output) for p in timeline
+                          for output, score in p["agreement"].items() if score["value"] is not None)
+        assert expected, timeline
+        drawn = sorted(zip(browser.attrs("[data-testid=agreement-point]", "data-start"),
+                           browser.attrs("[data-testid=agreement-point]", "data-output"), strict=True))
+        assert [float(s) for s, _ in drawn] == [float(s) for s, _ in expected]
+        assert [o for _, o in drawn] == [o for _, o in expected]
+
+    eventually(agreement_matches)
+    threshold = page.locator("[data-testid=agreement-chart] [data-testid=agreement-threshold]")
+    assert float(threshold.get_attribute("data-value") or "nan") == rollout["gate"]["min_agreement"]
+
+    # Drift: per version until a grouping is chosen, then a bar per group of that label
+    drift = series["drift"]
+    assert drift is not None
+    assert browser.attrs("[data-testid=drift-bar]", "data-group") == (
+        [g["group"] for g in drift["groups"]] if drift["groups"]
+        else [f"{v['model']}:{v['version']}" for v in drift["versions"]])
+    for key in ("site", "note"):
+        page.select_option("[data-testid=drift-group-by]", key)
+
+        def drift_matches(key: str = key) -> list[dict[str, Any]]:
+            drift = httpx.get(url, params={"group_by": key}, headers=fleet.auth, timeout=10).json()["drift"]
+            groups = drift["groups"]
+            assert groups and drift["group_by"] == key
+            assert browser.attrs("[data-testid=drift-bar]", "data-group") == [g["group"] for g in groups]
+            assert browser.attrs("[data-testid=drift-bar]", "data-drifting") == [
+                str(bool(g["drifting"])).lower() for g in groups]
+            return groups
+
+        groups = eventually(drift_matches)
+        chart = page.locator("[data-testid=drift-chart]")
+        assert chart.locator("[data-testid=drift-threshold]").count() == 1
+        assert chart.locator("g.drifting").count() == sum(1 for g in groups if g["drifting"])
+        assert chart.locator("[data-testid=drift-bar] rect.drift-value").count() == len(groups)
+    # The label full of markup names a group: shown as its characters, never parsed
+    assert MARKUP_LABEL in (page.locator("[data-testid=drift-chart]").text_content() or "")
+    assert any(text.startswith(MARKUP_LABEL[:20])
+               for text in page.locator("[data-testid=drift-bar] text.bar-label").all_text_contents())
+    assert page.locator("[data-testid=evidence] i, [data-testid=evidence] script").count() == 0
+    page.locator("[data-testid=evidence]").screenshot(path=str(ARTIFACTS / "rollout-evidence.png"))
 
 
 def test_refused_token_brings_the_prompt_back(browser: Browser, fleet: FleetWorld) -> None:

@@ -7,6 +7,8 @@
  * - links carry only ids passed through encodeURIComponent;
  * - optional endpoints (drift, rollout report/timeseries) are used only when the controller's
  *   OpenAPI document lists them, so an older controller gets no 404s and no console errors;
+ * - downloads (the rollout report, its JSON) are fetched with the bearer header like every other
+ *   call and saved from a blob: URL, which is revoked once the download has started;
  * - the page is redrawn only when the fetched JSON changed, so a steady page keeps its text
  *   selection and scroll position between polls;
  * - the API token is asked for in a form, kept in sessionStorage (this tab only, never in a URL)
@@ -157,8 +159,9 @@
     }
   }
 
-  async function getJSON(path, options) {
-    const headers = { Accept: "application/json" };
+  /** A successful response to GET `path` (bearer token unless `options.public`); HttpError otherwise. */
+  async function apiGet(path, options) {
+    const headers = { Accept: (options && options.accept) || "application/json" };
     const token = options && options.public ? "" : currentToken();
     if (token) headers.Authorization = "Bearer " + token;
     const response = await fetch(path, { headers, cache: "no-store", credentials: "omit" });
@@ -172,7 +175,11 @@
       }
       throw new HttpError(response.status, message);
     }
-    return response.json();
+    return response;
+  }
+
+  async function getJSON(path, options) {
+    return (await apiGet(path, options)).json();
   }
 
   // Optional endpoints, discovered once from the OpenAPI document. null = not known yet.
@@ -515,6 +522,360 @@
       h("span", { class: "bar-none" }, "not judged yet"), h("span", {}, "| tick = threshold")));
   }
 
+  // -- rollout evidence: latency distributions, agreement over time, drift per group -------------
+  //
+  // The same evidence as the HTML report (`fleet rollout report`), drawn from the rollout's
+  // /timeseries JSON: merged latency histograms of the shadow windows, agreement per time bucket
+  // and drift per device label group.
+
+  const CHART_W = 720;
+  // Latency distributions are drawn over this many log-spaced bins between the 0.5% and 99.5% quantiles.
+  const LATENCY_BINS = 40;
+  const SERIES_CLASSES = 5;
+  // Drift grouping picked on a rollout page (rollout name -> device label key); absent: the controller's choice.
+  const driftGroupBy = new Map();
+
+  function timeseriesPath(name) {
+    const key = driftGroupBy.get(name);
+    return API + "/rollouts/" + enc(name) + "/timeseries" + (key ? "?group_by=" + enc(key) : "");
+  }
+
+  /** `{data}` with the rollout's time series, `{error}` when it could not be read, null when unsupported. */
+  async function getTimeseries(name) {
+    const caps = await loadCapabilities();
+    if (!caps.timeseries) return null;
+    try {
+      return { data: await getJSON(timeseriesPath(name)) };
+    } catch (err) {
+      if (err instanceof HttpError && err.status === 401) throw err;
+      return { error: err && err.message ? err.message : String(err) };
+    }
+  }
+
+  /** A latency histogram from its JSON (DDSketch buckets) as sorted [value, count] pairs and totals. */
+  function histogram(raw) {
+    const source = raw || {};
+    const accuracy = Number(source.relative_accuracy) || 0.01;
+    const gamma = (1 + accuracy) / (1 - accuracy);
+    const bins = Object.entries(source.buckets || {})
+      .map(([index, n]) => [Number(index), Number(n)])
+      .filter(([index, n]) => Number.isFinite(index) && n > 0)
+      .sort((a, b) => a[0] - b[0])
+      .map(([index, n]) => [(2 * Math.pow(gamma, index)) / (gamma + 1), n]);
+    const zero = Number(source.zero_count) || 0;
+    if (zero > 0) bins.unshift([0, zero]);
+    const count = bins.reduce((sum, bin) => sum + bin[1], 0);
+    return { bins, count, min: Number(source.min) || 0, max: Number(source.max) || 0 };
+  }
+
+  /** The q-quantile as the controller computes it: the bucket's midpoint, clamped to the observed range. */
+  function quantile(hist, q) {
+    if (!hist.count) return NaN;
+    const rank = q * (hist.count - 1);
+    let seen = 0;
+    for (const [value, n] of hist.bins) {
+      seen += n;
+      if (rank < seen) return value === 0 ? 0 : Math.min(Math.max(value, hist.min), hist.max);
+    }
+    return hist.max;
+  }
+
+  /** Share of the histogram's requests in each [edges[i], edges[i+1]) interval; the ends take what lies beyond. */
+  function binShares(hist, edges) {
+    const shares = new Array(edges.length - 1).fill(0);
+    for (const [value, n] of hist.bins) {
+      let i = 0;
+      while (i < shares.length - 1 && value >= edges[i + 1]) i++;
+      shares[i] += n / hist.count;
+    }
+    return shares;
+  }
+
+  /** Tick values for a log axis: 1-2-5 steps inside [low, high], powers of ten when that is too many. */
+  function logTicks(low, high) {
+    const ticks = [];
+    for (let e = Math.floor(Math.log10(low)); e <= Math.ceil(Math.log10(high)); e++) {
+      for (const m of [1, 2, 5]) {
+        const v = Number((m * Math.pow(10, e)).toPrecision(6));
+        if (v >= low && v <= high) ticks.push(v);
+      }
+    }
+    if (ticks.length > 8) return ticks.filter((v) => String(v).replace(/[0.]/g, "") === "1");
+    if (ticks.length < 2) return [low, Math.sqrt(low * high), high];
+    return ticks;
+  }
+
+  function fmtClock(seconds) {
+    return new Date(seconds * 1000).toLocaleTimeString(undefined, { hour12: false });
+  }
+
+  function shorten(text, max) {
+    return text.length > max ? text.slice(0, max - 1) + "…" : text;
+  }
+
+  /** An <svg> with its accessible name (aria-label and <title>) and the plot's axes and axis titles. */
+  function chartFrame(testid, label, height, box, xLabel, yLabel) {
+    const svg = s("svg", { class: "chart evidence", viewBox: "0 0 " + CHART_W + " " + height, width: CHART_W,
+      height, role: "img", "aria-label": label, "data-testid": testid }, s("title", {}, label));
+    svg.appendChild(s("line", { class: "axis", x1: box.left, x2: box.right, y1: box.bottom, y2: box.bottom }));
+    if (yLabel !== null) {
+      svg.appendChild(s("line", { class: "axis", x1: box.left, x2: box.left, y1: box.top, y2: box.bottom }));
+      const cy = (box.top + box.bottom) / 2;
+      svg.appendChild(s("text", { class: "axis-label", x: 14, y: cy, "text-anchor": "middle",
+        transform: "rotate(-90 14 " + cy + ")" }, yLabel));
+    }
+    svg.appendChild(s("text", { class: "axis-label", x: (box.left + box.right) / 2, y: height - 6,
+      "text-anchor": "middle" }, xLabel));
+    return svg;
+  }
+
+  function xTick(svg, box, x, text) {
+    svg.appendChild(s("line", { class: "tick-mark", x1: x, x2: x, y1: box.bottom, y2: box.bottom + 5 }));
+    // Labels at the plot's ends grow inwards, so the chart's edge never clips them.
+    const anchor = x - box.left < 24 ? "start" : box.right - x < 24 ? "end" : "middle";
+    svg.appendChild(s("text", { class: "tick", x, y: box.bottom + 18, "text-anchor": anchor }, text));
+  }
+
+  function yTick(svg, box, y, text) {
+    svg.appendChild(s("line", { class: "grid-line", x1: box.left, x2: box.right, y1: y, y2: y }));
+    svg.appendChild(s("text", { class: "tick", x: box.left - 6, y: y + 4, "text-anchor": "end" }, text));
+  }
+
+  function noEvidence(testid, text) {
+    return h("p", { class: "empty", "data-testid": testid + "-empty" }, text);
+  }
+
+  /** Serving vs candidate latency on the same mirrored requests: two step lines, p50 and p95 marked. */
+  function latencyChart(latency) {
+    const series = [["serving", histogram(latency && latency.serving)],
+      ["candidate", histogram(latency && latency.candidate)]];
+    if (series.some(([, hist]) => !hist.count)) {
+      return noEvidence("latency", "No paired latency data yet: the candidate has not shadowed any requests.");
+    }
+    const low = Math.max(Math.min(...series.map(([, hist]) => quantile(hist, 0.005))), 1e-3);
+    const high = Math.max(...series.map(([, hist]) => quantile(hist, 0.995)), low * 1.01);
+    const edges = [];
+    for (let i = 0; i <= LATENCY_BINS; i++) edges.push(low * Math.pow(high / low, i / LATENCY_BINS));
+    const drawn = series.map(([name, hist]) => ({ name, hist, shares: binShares(hist, edges),
+      p50: quantile(hist, 0.5), p95: quantile(hist, 0.95) }));
+    const peak = Math.max(...drawn.flatMap((d) => d.shares)) || 1;
+    const height = 280;
+    const box = { left: 64, right: CHART_W - 20, top: 14, bottom: height - 52 };
+    const xOf = (v) => box.left + (box.right - box.left) * Math.min(Math.max(Math.log(v / low) / Math.log(high / low), 0), 1);
+    const yOf = (share) => box.bottom - (box.bottom - box.top) * (share / peak);
+    const svg = chartFrame("latency-chart", "Latency distribution per request, serving vs candidate", height, box,
+      "latency per request, ms (log scale)", "share of requests");
+    for (const fraction of [0, 0.5, 1]) yTick(svg, box, yOf(peak * fraction), fmtPct(peak * fraction));
+    for (const v of logTicks(low, high)) xTick(svg, box, xOf(v), fmtNum(v) + " ms");
+    for (const d of drawn) {
+      const path = d.shares.map((share, i) => (i ? "L" : "M") + xOf(edges[i]).toFixed(1) + "," + yOf(share).toFixed(1) +
+        " L" + xOf(edges[i + 1]).toFixed(1) + "," + yOf(share).toFixed(1)).join(" ");
+      svg.appendChild(s("path", { class: "lat-line lat-" + d.name, d: path, "data-testid": "latency-series",
+        "data-series": d.name, "data-count": d.hist.count }, s("title", {}, d.name + ": " + d.hist.count + " requests")));
+      for (const [q, value] of [["p50", d.p50], ["p95", d.p95]]) {
+        const x = xOf(Math.max(value, low));
+        svg.appendChild(s("line", { class: "q-mark lat-" + d.name + " q-" + q, x1: x, x2: x, y1: box.top, y2: box.bottom,
+          "data-testid": "latency-quantile", "data-series": d.name, "data-quantile": q, "data-value": value },
+          s("title", {}, d.name + " " + q + " " + fmtNum(value) + " ms")));
+      }
+    }
+    const legend = h("div", { class: "legend" }, drawn.map((d) =>
+      h("span", { class: "lat-" + d.name, "data-testid": "latency-legend" },
+        d.name + ": p50 " + fmtNum(d.p50) + " ms · p95 " + fmtNum(d.p95) + " ms · n=" + d.hist.count)),
+      h("span", { class: "plain" }, "| solid mark = p50, dashed = p95"));
+    return h("div", {}, svg, legend);
+  }
+
+  /** The gate's minimum agreement: from the rollout's gate policy, else from its latest agreement metric. */
+  function minAgreement(ts, r) {
+    for (const gate of [ts.rollout && ts.rollout.gate, r.gate]) {
+      if (gate && typeof gate.min_agreement === "number") return gate.min_agreement;
+    }
+    const row = ((r.analysis && r.analysis.metrics) || []).find((m) =>
+      String(m.metric).startsWith("agreement") && typeof m.threshold === "number");
+    return row ? row.threshold : null;
+  }
+
+  /** Agreement per output over time (one line per output, a point per time bucket), the gate's minimum dashed. */
+  function agreementChart(timeline, threshold) {
+    const outputs = [...new Set(timeline.flatMap((p) => Object.keys(p.agreement || {})))].sort();
+    const lines = outputs.map((output) => ({ output, points: timeline
+      .map((p) => ({ start: Number(p.start), score: (p.agreement || {})[output] }))
+      .filter((p) => p.score && typeof p.score.value === "number") }));
+    const values = lines.flatMap((l) => l.points.map((p) => p.score.value));
+    if (!values.length) {
+      return noEvidence("agreement", "No agreement data yet: no shadow window has reported agreement.");
+    }
+    const low = Math.max(Math.min(Math.min(...values, threshold === null ? 1 : threshold, 1) - 0.02, 0.9), -1);
+    const t0 = Number(timeline[0].start);
+    const t1 = Number(timeline[timeline.length - 1].start);
+    const height = 280;
+    const box = { left: 64, right: CHART_W - 20, top: 14, bottom: height - 52 };
+    const xOf = (t) => (t1 > t0 ? box.left + ((box.right - box.left) * (t - t0)) / (t1 - t0) : (box.left + box.right) / 2);
+    const yOf = (v) => box.bottom - ((box.bottom - box.top) * (v - low)) / (1 - low);
+    const svg = chartFrame("agreement-chart", "Agreement of candidate with serving model over time", height, box,
+      "time (start of each of " + timeline.length + " buckets)", "agreement");
+    for (let i = 0; i <= 4; i++) yTick(svg, box, yOf(low + ((1 - low) * i) / 4), fmtNum(low + ((1 - low) * i) / 4, 3));
+    const times = t1 > t0 ? [t0, (t0 + t1) / 2, t1] : [t0];
+    for (const t of times) xTick(svg, box, xOf(t), fmtClock(t));
+    if (threshold !== null) {
+      const y = yOf(threshold);
+      svg.appendChild(s("line", { class: "threshold-line", x1: box.left, x2: box.right, y1: y, y2: y,
+        "data-testid": "agreement-threshold", "data-value": threshold }, s("title", {}, "gate minimum " + threshold)));
+      svg.appendChild(s("text", { class: "threshold-text", x: box.right - 4, y: y - 5, "text-anchor": "end" },
+        "min_agreement " + fmtNum(threshold)));
+    }
+    lines.forEach((line, n) => {
+      const cls = "series-" + (n % SERIES_CLASSES);
+      const coords = line.points.map((p) => [xOf(p.start), yOf(p.score.value)]);
+      if (!coords.length) return;
+      const g = s("g", { class: cls, "data-testid": "agreement-series", "data-output": line.output });
+      g.appendChild(s("polyline", { class: "agr-line", points: coords.map(([x, y]) => x.toFixed(1) + "," + y.toFixed(1)).join(" ") },
+        s("title", {}, line.output)));
+      line.points.forEach((p, i) => g.appendChild(s("circle", { class: "agr-point", cx: coords[i][0].toFixed(1),
+        cy: coords[i][1].toFixed(1), r: 3.5, "data-testid": "agreement-point", "data-output": line.output, "data-start": p.start },
+        s("title", {}, fmtClock(p.start) + " · " + line.output + ": " + fmtNum(p.score.value, 4) + " " +
+          (p.score.what || "agreement") + " (n=" + p.score.samples + ")"))));
+      svg.appendChild(g);
+    });
+    const legend = h("div", { class: "legend" }, lines.map((line, n) => {
+      const what = line.points.length ? line.points[line.points.length - 1].score.what : "";
+      return h("span", { class: "series-" + (n % SERIES_CLASSES) }, line.output + (what ? " (" + what + ")" : ""));
+    }), threshold !== null ? h("span", { class: "threshold" }, "gate minimum " + fmtNum(threshold)) : null);
+    return h("div", {}, svg, legend);
+  }
+
+  /** Max PSI per group (per version without groups) as bars against the threshold; drifting ones in red. */
+  function driftChart(drift) {
+    if (!drift) return noEvidence("drift", "No drift data yet: no serving window reported input statistics.");
+    const grouped = (drift.groups || []).length > 0;
+    const entries = grouped
+      ? drift.groups.map((g) => ({ key: String(g.group), label: shorten(String(g.group), 26) + " · " + g.version, entry: g }))
+      : (drift.versions || []).map((v) => ({ key: v.model + ":" + v.version, label: v.model + ":" + v.version, entry: v }));
+    if (!entries.length) return noEvidence("drift", "No drift data yet: no serving window reported input statistics.");
+    const threshold = typeof drift.psi_threshold === "number" ? drift.psi_threshold : null;
+    const psiOf = (e) => (typeof e.entry.max_psi === "number" ? e.entry.max_psi : 0);
+    const peak = Math.max((threshold || 0.1) * 1.5, ...entries.map(psiOf));
+    const rowH = 26;
+    const height = 14 + entries.length * rowH + 48;
+    const box = { left: 230, right: CHART_W - 170, top: 10, bottom: 14 + entries.length * rowH };
+    const xOf = (v) => box.left + ((box.right - box.left) * Math.min(Math.max(v, 0), peak)) / peak;
+    const svg = chartFrame("drift-chart", "Drift per " + (grouped ? "group of " + drift.group_by : "version") +
+      ": max PSI against the threshold", height, box, "max PSI over the input and output features", null);
+    for (const v of [0, peak / 2, peak]) xTick(svg, box, xOf(v), fmtNum(v, 2));
+    entries.forEach((e, i) => {
+      const y = box.top + i * rowH;
+      const psi = psiOf(e);
+      const drifting = Boolean(e.entry.drifting);
+      const eligible = e.entry.eligible !== false;
+      const g = s("g", { class: drifting ? "drifting" : eligible ? "steady" : "ineligible", "data-testid": "drift-bar",
+        "data-group": e.key, "data-version": e.entry.version, "data-drifting": String(drifting) });
+      g.appendChild(s("title", {}, e.key + (grouped ? " · " + e.entry.version : "") + ": max PSI " + fmtNum(psi) + (e.entry.top_feature ? " (" + e.entry.top_feature + ")" : "") +
+        ", " + (e.entry.samples || 0) + " samples" + (drifting ? ", drifting" : "")));
+      g.appendChild(s("text", { class: "bar-label", x: box.left - 8, y: y + 16, "text-anchor": "end" }, shorten(e.label, 34)));
+      g.appendChild(s("rect", { class: "track", x: box.left, y: y + 4, width: box.right - box.left, height: 16, rx: 2 }));
+      g.appendChild(s("rect", { class: "drift-value", x: box.left, y: y + 4, width: Math.max(xOf(psi) - box.left, 1), height: 16, rx: 2 }));
+      g.appendChild(s("text", { class: drifting ? "bar-note alert" : "bar-note", x: box.right + 8, y: y + 16 },
+        eligible ? fmtNum(psi) + (drifting ? " drifting" : "")
+          : "too few samples (" + (e.entry.samples || 0) + (drift.min_samples ? " of " + drift.min_samples : "") + ")"));
+      svg.appendChild(g);
+    });
+    if (threshold !== null) {
+      const x = xOf(threshold);
+      svg.appendChild(s("line", { class: "threshold-line", x1: x, x2: x, y1: box.top, y2: box.bottom,
+        "data-testid": "drift-threshold", "data-value": threshold }, s("title", {}, "PSI threshold " + threshold)));
+    }
+    const legend = h("div", { class: "legend" }, h("span", { class: "drift-steady" }, "below threshold"),
+      h("span", { class: "drift-drifting" }, "drifting"), h("span", { class: "drift-ineligible" }, "too few samples"),
+      threshold !== null ? h("span", { class: "threshold" }, "PSI threshold " + fmtNum(threshold)) : null);
+    return h("div", {}, svg, legend);
+  }
+
+  /** A select of device label keys to group drift by; choosing one refetches the time series. */
+  function driftGroupPicker(name, fleet, drift) {
+    const keys = [...new Set(fleet.devices.flatMap((d) => Object.keys(d.labels || {})))].sort();
+    const chosen = driftGroupBy.get(name) || "";
+    const fallback = drift && drift.group_by && !chosen ? drift.group_by : "";
+    const select = h("select", { "data-testid": "drift-group-by", "aria-label": "Group drift by device label" },
+      h("option", { value: "", selected: !chosen }, fallback ? "default (" + fallback + ")" : "per version"),
+      keys.map((k) => h("option", { value: k, selected: k === chosen }, k)));
+    select.addEventListener("change", () => {
+      if (select.value) driftGroupBy.set(name, select.value);
+      else driftGroupBy.delete(name);
+      lastKey = null;
+      refresh();
+    });
+    return h("label", { class: "picker" }, "group by ", select);
+  }
+
+  function evidencePanels(r, fleet, ts) {
+    if (!ts) return null; // this controller serves no time series
+    if (ts.error) {
+      return panel("Evidence", null, h("p", { class: "empty", "data-testid": "evidence-error" },
+        "Cannot read this rollout's time series: " + ts.error));
+    }
+    const data = ts.data;
+    const buckets = (data.agreement_over_time || []).length;
+    return h("div", { class: "grid evidence-grid", "data-testid": "evidence" },
+      panel("Latency, serving vs candidate", "paired shadow requests", latencyChart(data.latency)),
+      panel("Agreement over time", buckets + " time bucket" + (buckets === 1 ? "" : "s"),
+        agreementChart(data.agreement_over_time || [], minAgreement(data, r))),
+      panel("Drift per group", driftGroupPicker(r.name, fleet, data.drift), driftChart(data.drift)));
+  }
+
+  // -- downloads: fetched with the bearer token, saved from a blob URL ----------------------------
+
+  let downloadNote = "";
+
+  function setDownloadNote(text) {
+    downloadNote = text;
+    const node = view.querySelector("[data-testid=download-note]");
+    if (node) node.textContent = text;
+  }
+
+  /** GET `path` with the token and save the body as `filename` (a plain link would carry no bearer header). */
+  async function download(button, path, accept, filename) {
+    button.disabled = true;
+    setDownloadNote("");
+    try {
+      const blob = await (await apiGet(path, { accept })).blob();
+      const url = URL.createObjectURL(blob);
+      const anchor = h("a", { href: url, download: filename, hidden: true });
+      document.body.appendChild(anchor);
+      anchor.click();
+      anchor.remove();
+      // The started download holds the blob; the URL only has to outlive the click.
+      setTimeout(() => URL.revokeObjectURL(url), 1000);
+    } catch (err) {
+      if (err instanceof HttpError && err.status === 401) {
+        askForToken("The controller refused this token: " + err.message);
+        return;
+      }
+      setDownloadNote("Download failed: " + (err && err.message ? err.message : String(err)));
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  function downloadButton(text, testid, path, accept, filename) {
+    const button = h("button", { type: "button", class: "download", "data-testid": testid }, text);
+    button.addEventListener("click", () => download(button, path, accept, filename));
+    return button;
+  }
+
+  function rolloutDownloads(r, caps) {
+    const base = "rollout-" + String(r.name).replace(/[^A-Za-z0-9._-]+/g, "_");
+    const path = API + "/rollouts/" + enc(r.name);
+    const key = driftGroupBy.get(r.name);
+    return h("span", { class: "links" },
+      caps.report ? downloadButton("Download report", "download-report",
+        path + "/report" + (key ? "?group_by=" + enc(key) : ""), "text/html", base + "-report.html") : null,
+      caps.timeseries ? downloadButton("Time series (JSON)", "download-timeseries", timeseriesPath(r.name),
+        "application/json", base + "-timeseries.json") : null,
+      downloadButton("Rollout (JSON)", "download-rollout", path, "application/json", base + ".json"),
+      h("span", { class: "download-note", role: "status", "data-testid": "download-note" }, downloadNote));
+  }
+
   function stepPills(r) {
     const finished = r.phase === "Completed";
     return h("ol", { class: "steps", "data-testid": "steps" }, (r.steps || []).map((fraction, i) => {
@@ -548,16 +909,14 @@
   }
 
   async function rolloutView(name) {
-    const [fleet, r, caps] = await Promise.all([fleetData(), getJSON(API + "/rollouts/" + enc(name)), loadCapabilities()]);
+    const [fleet, r, caps, ts] = await Promise.all([fleetData(), getJSON(API + "/rollouts/" + enc(name)),
+      loadCapabilities(), getTimeseries(name)]);
     return {
-      data: { fleet, r },
+      data: { fleet, r, ts },
       render: () => {
         renderCounts(fleet);
         setCrumbs(link("#/", "Fleet"), "Rollout " + r.name);
-        const links = h("span", { class: "links" },
-          caps.report ? h("a", { href: API + "/rollouts/" + enc(r.name) + "/report", "data-testid": "report-link" }, "Evidence report") : null,
-          caps.timeseries ? h("a", { href: API + "/rollouts/" + enc(r.name) + "/timeseries", "data-testid": "timeseries-link" }, "Time series (JSON)") : null,
-          h("a", { href: API + "/rollouts/" + enc(r.name) }, "JSON"));
+        const links = rolloutDownloads(r, caps);
         const analysis = r.analysis;
         const gate = analysis && (analysis.metrics || []).length
           ? [h("p", { class: "muted" }, "Latest analysis, step " + (analysis.step_index + 1) + " at " + fmtTime(analysis.at) + ": ",
@@ -583,6 +942,7 @@
               h("dt", {}, "Created"), h("dd", {}, fmtTime(r.created_at), r.created_by ? " by " + r.created_by : ""),
               h("dt", {}, "Finished"), h("dd", {}, fmtTime(r.finished_at))))),
           panel("Gate", "value vs threshold", gate),
+          evidencePanels(r, fleet, ts),
           panel("Decisions", (r.decisions || []).length + " recorded", decisionsTimeline(r.decisions || [])),
           panel("Devices", r.devices_truncated ? "first " + (r.devices || []).length + " shown" : null, rolloutDevicesTable(r)));
       },
