@@ -47,7 +47,7 @@ from fleet.controller.models import (
     UpdateEvent,
 )
 from fleet.core.errors import FleetError
-from fleet.core.gate import Assessment, Evidence, GatePolicy, Verdict, assess
+from fleet.core.gate import CPU_KEYS, WALL_KEYS, Assessment, Evidence, GatePolicy, Verdict, assess
 from fleet.core.rollout import (
     DeviceRolloutState,
     Phase,
@@ -335,8 +335,7 @@ def analyze(session: Session, rollout: Rollout, now: datetime) -> Assessment:
         windows.append({
             "device_id": window.device_id, "model": window.model, "version": window.version,
             "role": window.role, "requests": window.requests, "errors": window.errors,
-            "latency_ms": payload.get("latency_ms"),
-            "paired_serving_latency_ms": payload.get("paired_serving_latency_ms"),
+            **{key: payload.get(key) for key in (*CPU_KEYS, *WALL_KEYS)},
             "agreement": payload.get("agreement") or [],
         })
     # Labels feed the per-group analysis (a candidate slower only on one kind of device).

@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 from fleet.controller.models import ModelVersion, TelemetryWindow
 from fleet.controller.rollouts import rollout_detail
 from fleet.core.agreement import AgreementSums
+from fleet.core.gate import paired_latency_keys
 from fleet.core.histogram import LatencyHistogram
 
 # Agreement over time is shown in at most this many time buckets, so the page stays small for
@@ -58,7 +59,8 @@ def collect(session: Session, name: str, *, group_by: str | None = None) -> dict
     points: list[tuple[datetime, str, int, list[dict[str, Any]]]] = []
     for window in session.scalars(query.order_by(TelemetryWindow.window_end)):
         payload = window.payload or {}
-        for key, target in (("latency_ms", candidate), ("paired_serving_latency_ms", serving)):
+        # The same measure the gate judges: on-CPU time of the paired runs where the agent reports it.
+        for key, target in zip(paired_latency_keys(payload), (candidate, serving), strict=True):
             if payload.get(key):
                 try:
                     target.merge(LatencyHistogram.from_dict(payload[key]))

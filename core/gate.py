@@ -73,6 +73,20 @@ class Verdict(str, Enum):
         return self.value
 
 
+CPU_KEYS = ("cpu_ms", "paired_serving_cpu_ms")
+WALL_KEYS = ("latency_ms", "paired_serving_latency_ms")
+
+
+def paired_latency_keys(window: Mapping[str, Any]) -> tuple[str, str]:
+    """The (candidate, serving) histogram keys of a shadow window that latency is judged on.
+
+    The on-CPU times of the paired runs when the window has both (the models' own cost: the
+    shadow's wall time also measures its lower scheduling priority and whatever else the device
+    ran meanwhile), else the wall times. Both sides of one window always use the same kind.
+    """
+    return CPU_KEYS if window.get(CPU_KEYS[0]) and window.get(CPU_KEYS[1]) else WALL_KEYS
+
+
 @dataclass(frozen=True)
 class GatePolicy:
     """Thresholds of one rollout's gate. The defaults are meant to work without tuning."""
@@ -231,10 +245,7 @@ class Evidence:
             requests, errors = int(window.get("requests", 0) or 0), int(window.get("errors", 0) or 0)
             device.requests += requests
             device.errors += errors
-            # Prefer the on-CPU times of the paired runs (the models' own cost); the shadow's wall time
-            # also measures its lower scheduling priority. Both sides of a window use the same kind.
-            keys = (("cpu_ms", "paired_serving_cpu_ms") if window.get("cpu_ms") and window.get("paired_serving_cpu_ms")
-                    else ("latency_ms", "paired_serving_latency_ms"))
+            keys = paired_latency_keys(window)
             for key, target in ((keys[0], device.shadow_latency), (keys[1], device.serving_latency)):
                 raw = window.get(key)
                 if raw:

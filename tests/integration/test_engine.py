@@ -134,8 +134,9 @@ class Fleet:
 
     def shadow_traffic(self, ids: list[str], requests: int, *, model: str = "det", version: str = "v2",
                        top1: float = 1.0, shadow_ms: float = 2.0, serving_ms: float = 2.0,
-                       errors: int = 0) -> None:
-        """Each device reports one telemetry window of mirrored requests, as the agent would."""
+                       errors: int = 0, cpu_ms: tuple[float, float] | None = None) -> None:
+        """Each device reports one telemetry window of mirrored requests, as the agent would
+        (`cpu_ms`: the on-CPU times of candidate and serving, reported beside the wall times)."""
         with self.db() as s:
             for device_id in ids:
                 self.seq += 1
@@ -151,6 +152,8 @@ class Fleet:
                                        "cosine_min": 0.9, "mean_abs_diff_sum": 0.01 * ok, "max_abs_diff": 0.1,
                                        "top1_agree": round(top1 * ok), "top1_samples": ok}],
                         "mirrored": 0, "shadow_dropped": 0,
+                        **({"cpu_ms": _hist(cpu_ms[0], ok), "paired_serving_cpu_ms": _hist(cpu_ms[1], ok)}
+                           if cpu_ms else {}),
                     },
                     received_at=self.now,
                 ))
@@ -610,6 +613,24 @@ def test_latency_regression_rolls_back(running: Fleet) -> None:
     # _hist spreads values over 0.9x..1.08x: the p95 sits at the top of that spread.
     assert row["candidate_p95_ms"] == pytest.approx(12.0 * 1.08, rel=0.02)
     assert all(f.desired(d) == ("v1", None, 0.0) for d in cohort)
+
+
+def test_latency_is_judged_on_cpu_time_when_devices_report_it(running: Fleet) -> None:
+    # Wall times alike (the shadow waited less for the CPU), on-CPU times 50% apart: the model's
+    # own cost decides, and the decision record shows the on-CPU figures.
+    f = running
+    name = f.create(canary="20%")["name"]
+    cohort = by_rank(name, DEVICES)[:2]
+    f.tick(1)
+    f.reconcile()
+    f.shadow_traffic(cohort, 150, shadow_ms=6.0, serving_ms=6.0, cpu_ms=(7.5, 5.0))
+    f.tick(5)
+    f.reconcile()
+    detail = f.detail(name)
+    assert detail["phase"] == "RolledBack", detail["message"]
+    row = next(r for r in detail["analysis"]["metrics"] if r["metric"] == "latency")
+    assert row["ok"] is False and row["value"] == pytest.approx(0.5, rel=0.05)
+    assert row["candidate_p95_ms"] == pytest.approx(7.5 * 1.08, rel=0.02)
 
 
 def test_one_broken_rollout_does_not_stop_the_others(fleet: Fleet, caplog: pytest.LogCaptureFixture) -> None:
