@@ -11,7 +11,8 @@ Rules this module enforces (pure: telemetry comes in as plain dicts, the clock a
   default as in Kayenta) and an effect-size tolerance, and fails only when the evidence says,
   at that confidence, that the candidate is worse than the tolerance allows:
   * latency: a one-sided Mann-Whitney U test on *paired* requests (the serving model's latency
-    on the same mirrored requests), stratified by device so a slow device does not count
+    on the same mirrored requests; on-CPU time where the agent reports it, see
+    `paired_latency_keys`), stratified by device so a slow device does not count
     against the candidate; the candidate may be up to `max_latency_regression` slower plus
     `latency_slack_ms` (which keeps sub-millisecond noise from failing a fast model); the size
     of the shift is reported as a Hodges-Lehmann estimate;

@@ -342,7 +342,7 @@ def test_rollback_on_bad_agreement(running: Fleet) -> None:
     assert f.reconcile() == [canary]
     detail = f.detail(name)
     assert detail["phase"] == "RolledBack"
-    assert "agreement" in detail["message"] and "0.600 < 0.950" in detail["message"]
+    assert "agreement" in detail["message"] and "0.600 < 0.980" in detail["message"]
     row = next(r for r in detail["analysis"]["metrics"] if r["metric"] == "agreement[probs]")
     assert row["value"] == pytest.approx(0.6) and row["ok"] is False
     assert row["worst_devices"][0]["device"] == canary
