@@ -9,13 +9,16 @@ Rules this module enforces:
   per request holding `<input>.npy` for each input, or, for a one-input model, any `*.npy` files
   (one request each, in name order; a file may hold a batch along its first dim). Arrays are cast
   to the input's dtype. At most `MAX_REFERENCE_FILES` requests are read.
+- **Pictures stand in for arrays** of an image-like input (`<input>.png` in a sub-folder, or any
+  image file in the folder of a one-input model): converted to the input's layout, size and
+  dtype by `fleet.cli.images` (float inputs scaled to [0, 1], then `--reference-mean/-std`).
 - `fleet drift ls` shows the controller's view (`GET /api/v1/drift`): per device, per label group
   and per model version, the worst feature and whether it is drifting; `-o json` for scripts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -39,26 +42,43 @@ drift_app = typer.Typer(help="Input and output drift of serving models against t
 # ---------------------------------------------------------------------------------------------
 
 
-def _reference_requests(folder: Path, manifest: Manifest) -> list[dict[str, np.ndarray]]:
+def _reference_requests(folder: Path, manifest: Manifest, *, mean: Sequence[float] | None = None,
+                        std: Sequence[float] | None = None) -> list[dict[str, np.ndarray]]:
     import numpy as np
 
+    from fleet.cli.images import image_tensor, is_image
+
     if not folder.is_dir():
-        raise CliError(f"--reference {folder} is not a directory of .npy files", code=2)
-    dtypes = {s.name: np.dtype(s.dtype) for s in manifest.inputs}
+        raise CliError(f"--reference {folder} is not a directory of .npy or image files", code=2)
+    specs = {s.name: s for s in manifest.inputs}
+    dtypes = {name: np.dtype(spec.dtype) for name, spec in specs.items()}
     names = sorted(dtypes)
+
+    def usable(path: Path) -> bool:
+        return path.is_file() and (path.suffix == ".npy" or is_image(path))
+
+    def load(path: Path, name: str) -> np.ndarray:
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        return image_tensor(path, specs[name], mean=mean, std=std)
+
     subdirs = sorted(p for p in folder.iterdir() if p.is_dir())
     requests: list[dict[str, np.ndarray]] = []
     try:
         if subdirs:
             for sub in subdirs[:MAX_REFERENCE_FILES]:
-                found = {f.stem: f for f in sub.glob("*.npy")}
+                found: dict[str, Path] = {}
+                for f in sorted(sub.iterdir()):
+                    if usable(f):
+                        found.setdefault(f.stem, f)  # `.npy` sorts before the image suffixes
                 missing = [n for n in names if n not in found]
                 if missing:
-                    raise CliError(f"reference request {sub} lacks {', '.join(m + '.npy' for m in missing)}", code=2)
-                requests.append({n: np.load(found[n], allow_pickle=False) for n in names})
+                    raise CliError(f"reference request {sub} lacks {', '.join(m + '.npy' for m in missing)} "
+                                   "(or an image of that name)", code=2)
+                requests.append({n: load(found[n], n) for n in names})
         elif len(names) == 1:
-            files = sorted(folder.glob("*.npy"))[:MAX_REFERENCE_FILES]
-            requests = [{names[0]: np.load(f, allow_pickle=False)} for f in files]
+            files = sorted(f for f in folder.iterdir() if usable(f))[:MAX_REFERENCE_FILES]
+            requests = [{names[0]: load(f, names[0])} for f in files]
         else:
             raise CliError(
                 f"the model has {len(names)} inputs: put each reference request in its own sub-folder of {folder} "
@@ -66,18 +86,19 @@ def _reference_requests(folder: Path, manifest: Manifest) -> list[dict[str, np.n
     except (OSError, ValueError) as exc:
         raise CliError(f"cannot read the reference data in {folder}: {exc}", code=2) from exc
     if not requests:
-        raise CliError(f"--reference {folder} holds no .npy files", code=2)
+        raise CliError(f"--reference {folder} holds no .npy or image files", code=2)
     return [{n: np.asarray(a).astype(dtypes[n], copy=False) for n, a in r.items()} for r in requests]
 
 
-def reference_profile(model_file: Path, reference_dir: Path, manifest: Manifest) -> dict[str, Any]:
+def reference_profile(model_file: Path, reference_dir: Path, manifest: Manifest, *,
+                      mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> dict[str, Any]:
     """Run `model_file` on the reference inputs and profile inputs and outputs (see `fleet.core.profile`)."""
     import onnxruntime as ort
 
     from fleet.core.errors import FleetError
     from fleet.core.profile import profile_from_requests
 
-    requests = _reference_requests(reference_dir, manifest)
+    requests = _reference_requests(reference_dir, manifest, mean=mean, std=std)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
@@ -100,12 +121,13 @@ def reference_profile(model_file: Path, reference_dir: Path, manifest: Manifest)
 
 
 def add_reference_profile(bundle_path: Path, manifest: Manifest, model_files: Mapping[str, Path],
-                          reference_dir: Path) -> Manifest:
+                          reference_dir: Path, *, mean: Sequence[float] | None = None,
+                          std: Sequence[float] | None = None) -> Manifest:
     """Rebuild the bundle at `bundle_path` with the reference profile of the portable model added."""
     from fleet.core.bundle import build_bundle
 
     model_file = model_files.get("any") or next(iter(model_files.values()))
-    profile = reference_profile(Path(model_file), reference_dir, manifest)
+    profile = reference_profile(Path(model_file), reference_dir, manifest, mean=mean, std=std)
     return build_bundle(
         bundle_path, name=manifest.name, version=manifest.version, task=manifest.task, model_files=model_files,
         inputs=manifest.inputs, outputs=manifest.outputs, release=manifest.release,

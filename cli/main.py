@@ -7,6 +7,7 @@ is one clear line on stderr and exit code 2; a controller refusal is one line an
 from __future__ import annotations
 
 import logging
+import math
 import re
 import sys
 import time
@@ -63,6 +64,19 @@ def parse_duration(text: str) -> float:
     if not match:
         raise CliError(f"invalid duration {text!r}: use e.g. 90s, 10m, 1h or 30d", code=2)
     return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+def _floats(text: str | None, option: str) -> list[float] | None:
+    """`0.5,0.25,...` as numbers; None when not given."""
+    if not text:
+        return None
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise CliError(f"{option} expects comma-separated numbers, got {text!r}", code=2) from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise CliError(f"{option} expects comma-separated finite numbers, got {text!r}", code=2)
+    return values
 
 
 @app.callback()
@@ -241,8 +255,15 @@ def models_push(
         help="How to read the outputs: key=value,... (e.g. boxes=boxes,scores=scores,classes=classes,"
         "score_threshold=0.5) or a JSON file.")] = None,
     reference: Annotated[Path | None, typer.Option(
-        help="Folder of reference inputs (.npy, the --traffic layout): records their input/output profile for "
-        "drift. Without it the devices learn one from their first requests.", exists=True, file_okay=False)] = None,
+        help="Folder of reference inputs (.npy in the --traffic layout, or images for an image input): records "
+        "their input/output profile for drift. Without it the devices learn one from their first requests.",
+        exists=True, file_okay=False)] = None,
+    reference_mean: Annotated[str | None, typer.Option(
+        help="Reference images for a float input: per-channel mean subtracted after scaling pixels to [0, 1] "
+        "(e.g. 0.485,0.456,0.406).")] = None,
+    reference_std: Annotated[str | None, typer.Option(
+        help="Reference images for a float input: per-channel std divided by after the mean (e.g. 0.229,0.224,0.225).",
+    )] = None,
     key: KeyNamesOpt = None,
     keys_dir: KeysOpt = KEYS_DIR,
     controller: ControllerOpt = None,
@@ -289,7 +310,9 @@ def models_push(
         if reference is not None:
             from fleet.cli.drift import add_reference_profile
 
-            manifest = add_reference_profile(bundle_path, manifest, files, reference)
+            manifest = add_reference_profile(bundle_path, manifest, files, reference,
+                                             mean=_floats(reference_mean, "--reference-mean"),
+                                             std=_floats(reference_std, "--reference-std"))
         root = ensure_root(client, keys_dir)
         current = client.get_optional("/api/v1/trust/targets")
         signers = targets_signers(keys_dir, root, key)

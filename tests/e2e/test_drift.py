@@ -113,3 +113,33 @@ def test_input_shift_on_two_devices_raises_drift_for_exactly_them_and_their_grou
     assert psi["dock"] >= report["psi_threshold"] > psi["lab"], psi
     drifting = [s.value for s in samples if s.name == "fleet_drifting_devices" and s.labels["model"] == "cls"]
     assert drifting == [2.0]
+
+
+def test_push_with_pictures_as_reference_data(world: FleetWorld) -> None:
+    # Given a folder of photos (PNG, another size than the model's input) for an image classifier
+    from PIL import Image
+
+    pictures = world.workdir / "data" / "pictures"
+    pictures.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    for i in range(60):
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(pictures / f"{i:03d}.png")
+    model = world.models / "pics-v1.onnx"
+    model.write_bytes(sm.classifier(1))
+
+    # When it is pushed with them and the normalisation the model expects
+    world.fleet("models", "push", "pics:v1", str(model), "--task", "classification", "--reference", str(pictures),
+                "--reference-mean", "0.5", "--reference-std", "0.25", "--keys-dir", str(world.keys))
+
+    # Then the signed manifest holds a reference profile of 60 requests, in normalised units
+    profile = world.json("models", "show", "pics:v1")["manifest"]["profile"]
+    assert profile["source"] == "reference" and profile["samples"] == 60
+    channels = [f for f in profile["features"] if f["kind"] == "input"]
+    assert len(channels) == 3 and all(f["min"] >= -2.0 - 1e-6 and f["max"] <= 2.0 + 1e-6 for f in channels)
+    assert all(abs(f["mean"]) < 0.1 for f in channels)  # uniform pixels: (0.5 - 0.5) / 0.25 on average
+
+    # And a bad option is refused with a clear error, nothing pushed
+    bad = world.fleet("models", "push", "pics:v2", str(model), "--task", "classification", "--reference",
+                      str(pictures), "--reference-mean", "0.5,oops", "--keys-dir", str(world.keys), check=False)
+    assert bad.returncode == 2 and "--reference-mean expects comma-separated numbers" in bad.stderr + bad.stdout
+    assert world.fleet("models", "show", "pics:v2", check=False).returncode != 0
