@@ -15,7 +15,9 @@ exercise what a rollout must tell apart:
 - `detector(seed)` answers `boxes [N, K, 4]` (xyxy pixels), `scores [N, K]`, `classes [N, K]`
   computed from the image; two seeds match box for box, `divergent=True` picks other patches and
   `shifted_boxes=p` moves every box by p pixels (raw tensors still alike, IoU matching not);
-- `segmenter(seed)` answers a `mask [N, 1, H, W]` of blobs; `divergent=True` inverts it.
+- `segmenter(seed)` answers a `mask [N, 1, H, W]` of blobs; `divergent=True` inverts it;
+- `external_weights_model(location)` keeps its weights in a file outside the model, the kind of
+  model bundles refuse (for the tests of that rule).
 
 `signature()` reads a model's input/output contract from its graph, `manifest_for()` wraps it in a
 one-variant manifest, and `random_inputs()` makes request tensors that fit a signature (dynamic
@@ -495,3 +497,41 @@ def segmenter(
         initializer=inits,
     )
     return _finish(graph, f"synthetic segmenter seed={version_seed} divergent={divergent}")
+
+
+# The weights `external_weights_model` points at: tests write them where the location resolves, so
+# that only the rule, not a missing file, can refuse the model.
+EXTERNAL_WEIGHTS = np.arange(4, dtype=np.float32)
+
+
+def external_weights_model(location: str, where: str = "initializer") -> bytes:
+    """`y = x + W` ([4] floats) with W kept in an external file at `location`, on an initializer,
+    on a Constant node's attribute (`where="attribute"`) or on an initializer of an `If` subgraph
+    (`where="subgraph"`). Not checked: ONNX's checker would look for the file."""
+    tensor = numpy_helper.from_array(EXTERNAL_WEIGHTS, "W")
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(EXTERNAL_WEIGHTS.nbytes))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
+    add = helper.make_node("Add", ["x", "W"], ["y"])
+    if where == "initializer":
+        graph = helper.make_graph([add], "g", [x], [y], [tensor])
+    elif where == "attribute":
+        graph = helper.make_graph([helper.make_node("Constant", [], ["W"], value=tensor), add], "g", [x], [y])
+    elif where == "subgraph":
+        inner = TensorProto()
+        inner.CopyFrom(tensor)
+        inner.name = "Wb"
+        w_out = helper.make_tensor_value_info("W", TensorProto.FLOAT, [4])
+        branch = helper.make_graph([helper.make_node("Identity", ["Wb"], ["W"])], "b", [], [w_out], [inner])
+        cond = helper.make_tensor("c", TensorProto.BOOL, [], [True])
+        nodes = [helper.make_node("If", ["c"], ["W"], then_branch=branch, else_branch=branch), add]
+        graph = helper.make_graph(nodes, "g", [x], [y], [cond])
+    else:
+        raise ValueError(f"where must be 'initializer', 'attribute' or 'subgraph', got {where!r}")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    return model.SerializeToString()

@@ -18,10 +18,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from onnx import TensorProto, helper, numpy_helper
 
 from fleet.agent import runtime
 from fleet.agent.slots import ModelStore
@@ -223,24 +221,6 @@ def test_hostile_archive_is_refused_by_device_staging(
 
 # -- model files whose weights live elsewhere -------------------------------------------------------
 
-WEIGHTS = np.arange(4, dtype=np.float32)
-
-
-def _external_model(location: str) -> bytes:
-    tensor = numpy_helper.from_array(WEIGHTS, "W")
-    tensor.ClearField("raw_data")
-    tensor.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", "0"), ("length", str(WEIGHTS.nbytes))):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, value
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "W"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [tensor],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return bytes(model.SerializeToString())
 
 
 def _xy_manifest(real_manifest: dict[str, Any]) -> dict[str, Any]:
@@ -258,7 +238,7 @@ def test_external_data_escape_is_refused_at_push(
 
     Asserted: 400 naming the tensor and the location, nothing stored.
     """
-    data = _bundle(_xy_manifest(real[0]), _external_model(location))
+    data = _bundle(_xy_manifest(real[0]), synthetic_models.external_weights_model(location))
     response = operator.push(client, data)
     assert_refused_and_nothing_stored(response, ctx, client, "keeps tensor 'W' in external data")
     assert repr(location) in response.json()["message"]
@@ -276,10 +256,10 @@ def test_external_data_escape_is_refused_before_onnx_runtime_opens_it(
     slot.mkdir()
     outside.mkdir()
     for target in (outside / "weights.bin", slot / "weights.bin"):
-        WEIGHTS.tofile(target)
+        synthetic_models.EXTERNAL_WEIGHTS.tofile(target)
     if location == "ABSOLUTE":
         location = str(outside / "weights.bin")
-    (slot / "model.onnx").write_bytes(_external_model(location))
+    (slot / "model.onnx").write_bytes(synthetic_models.external_weights_model(location))
     opened: list[Any] = []
     monkeypatch.setattr(runtime.ort, "InferenceSession", lambda *a, **k: opened.append(a))
     manifest = Manifest.from_dict(_xy_manifest(real[0]))

@@ -37,12 +37,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-import onnx
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper, numpy_helper
 
 from fleet.agent.runtime import load_model
 from fleet.controller.app import MAX_JSON_DEPTH, JsonBodyGuardMiddleware
@@ -465,44 +462,6 @@ def _info(name: str, content: bytes) -> tarfile.TarInfo:
 # --------------------------------------------------------------------------------------------------
 # External data in ONNX files
 
-WEIGHTS = np.arange(4, dtype=np.float32)
-
-
-def _external_model(location: str, where: str) -> onnx.ModelProto:
-    """`y = x + W` with W kept in an external file at `location`, on an initializer, a Constant
-    node's attribute, or an initializer of an `If` subgraph."""
-    tensor = numpy_helper.from_array(WEIGHTS, "W")
-    tensor.ClearField("raw_data")
-    tensor.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", "0"), ("length", str(WEIGHTS.nbytes))):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, value
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
-    add = helper.make_node("Add", ["x", "W"], ["y"])
-    if where == "initializer":
-        graph = helper.make_graph([add], "g", [x], [y], [tensor])
-    elif where == "attribute":
-        graph = helper.make_graph([helper.make_node("Constant", [], ["W"], value=tensor), add], "g", [x], [y])
-    else:
-        w_out = helper.make_tensor_value_info("W", TensorProto.FLOAT, [4])
-        branch = helper.make_graph([helper.make_node("Identity", ["Wb"], ["W"])], "b", [], [w_out],
-                                   [_renamed(tensor, "Wb")])
-        cond = helper.make_tensor("c", TensorProto.BOOL, [], [True])
-        nodes = [helper.make_node("If", ["c"], ["W"], then_branch=branch, else_branch=branch), add]
-        graph = helper.make_graph(nodes, "g", [x], [y], [cond])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
-
-
-def _renamed(tensor: TensorProto, name: str) -> TensorProto:
-    out = TensorProto()
-    out.CopyFrom(tensor)
-    out.name = name
-    return out
-
-
 EXTERNAL_CASES = [
     (location, where)
     for location in ("weights.bin", "../outside/weights.bin", "/tmp/fleet-fuzz-absolute-weights.bin")
@@ -519,9 +478,9 @@ def test_build_refuses_external_data_wherever_it_points(
     models.mkdir()
     # The weights exist where the location points, so only the rule can refuse, not a missing file.
     for target in (models / "weights.bin", tmp_path / "outside" / "weights.bin"):
-        WEIGHTS.tofile(target)
+        synthetic_models.EXTERNAL_WEIGHTS.tofile(target)
     model = models / "model.onnx"
-    onnx.save(_external_model(location, where), str(model))
+    model.write_bytes(synthetic_models.external_weights_model(location, where))
     # From the model's own folder, where a relative location resolves, as an operator would run it.
     monkeypatch.chdir(models)
     with pytest.raises(BundleError, match="external data"):
@@ -537,11 +496,11 @@ def test_device_refuses_a_model_whose_weights_point_outside_its_slot(
     slot = tmp_path / "slot"
     slot.mkdir()
     (tmp_path / "outside").mkdir()
-    WEIGHTS.tofile(tmp_path / "outside" / "weights.bin")
+    synthetic_models.EXTERNAL_WEIGHTS.tofile(tmp_path / "outside" / "weights.bin")
     if location.startswith("/"):
-        WEIGHTS.tofile(location)
+        synthetic_models.EXTERNAL_WEIGHTS.tofile(location)
     try:
-        onnx.save(_external_model(location, where), str(slot / "model.onnx"))
+        (slot / "model.onnx").write_bytes(synthetic_models.external_weights_model(location, where))
         manifest = Manifest.from_dict({**_real()[1], "name": "m", "inputs": [
             {"name": "x", "dtype": "float32", "shape": [4]}], "outputs": [
             {"name": "y", "dtype": "float32", "shape": [4]}], "task": "generic", "outputs_layout": {}})

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from fleet.core import synthetic_models
 from fleet.core.bundle import (
@@ -199,24 +198,6 @@ def test_json_depth_counts_nesting_without_recursion() -> None:
 
 # -- ONNX files -------------------------------------------------------------------------------------
 
-WEIGHTS = np.arange(4, dtype=np.float32)
-
-
-def external_model(location: str) -> bytes:
-    tensor = numpy_helper.from_array(WEIGHTS, "W")
-    tensor.ClearField("raw_data")
-    tensor.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", "0"), ("length", str(WEIGHTS.nbytes))):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, value
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "W"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [tensor],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return bytes(model.SerializeToString())
 
 
 @pytest.mark.parametrize(
@@ -231,14 +212,14 @@ def external_model(location: str) -> bytes:
 )
 def test_external_data_is_refused_without_reading_it(location: str, match: str) -> None:
     with pytest.raises(BundleError, match=f"in external data .*{match}"):
-        inspect_model(external_model(location), "m.onnx")
+        inspect_model(synthetic_models.external_weights_model(location), "m.onnx")
 
 
 def test_external_data_model_in_a_bundle_is_refused_by_the_push_check(
     tmp_path: Path, real: tuple[dict[str, Any], bytes]
 ) -> None:
     manifest, _ = real
-    model = external_model("../../../etc/passwd")
+    model = synthetic_models.external_weights_model("../../../etc/passwd")
     bundle = tmp_path / "bundle.tar"
     bundle.write_bytes(bundle_with(manifest, model))
     with pytest.raises(BundleError, match=r"cls:v1: model.onnx keeps tensor 'W' in external data"):
